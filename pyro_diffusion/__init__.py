@@ -1,0 +1,26 @@
+"""pyro-diffusion: learned diffusion models as priors in Pyro models."""
+
+from ._version import __version__
+from .exact import GaussianDenoiser, GaussianMixtureDenoiser
+from .metrics import sliced_wasserstein
+from .networks import MLP, UNet, default_network
+from .noise_grid import noise_grid
+from .preconditioning import EDMDenoiser
+from .prior import DiffusionPrior
+from .samplers import reverse_sample
+from .serialization import register_denoiser
+
+__all__ = [
+    "DiffusionPrior",
+    "EDMDenoiser",
+    "GaussianDenoiser",
+    "GaussianMixtureDenoiser",
+    "MLP",
+    "UNet",
+    "__version__",
+    "default_network",
+    "noise_grid",
+    "register_denoiser",
+    "reverse_sample",
+    "sliced_wasserstein",
+]
