@@ -206,7 +206,7 @@ class GaussianMixtureDenoiser(nn.Module):
         return out.reshape(x.shape)
 
     def log_density(self, x, sigma=0.0):
-        """Exact :math:`\\log p_\\sigma(x)` of the data convolved with :math:`N(0, \\sigma^2 I)`."""
+        """Exact :math:`\\log p_\\sigma(x)` the data convolved with :math:`N(0, \\sigma^2 I)`."""
         xf = _flat(x, self.event_shape)
         s2 = _sigma_column(sigma, xf).square()
         _, _, log_norm = self._components(xf, s2)

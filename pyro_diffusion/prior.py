@@ -57,7 +57,8 @@ class DiffusionPrior(TorchDistribution):
     :param tuple event_shape: shape of one draw.
     :param float sigma_min: smallest positive noise level of the grid (default
         ``0.002 * data_std``).
-    :param float sigma_max: noise level where sampling starts (default ``80 * data_std``).
+    :param float sigma_max: noise level where sampling starts (default ``20 * data_std``,
+        inside the range of noise levels that training covers).
         ``data_std`` is read from ``denoiser.data_std`` when it exists, else 1.
     :param int num_steps: reverse steps (denoiser calls of the ancestral sampler).
     :param str sampler: ``"ancestral"`` (default), ``"ddim"`` or ``"heun"``.
@@ -73,17 +74,18 @@ class DiffusionPrior(TorchDistribution):
 
     def __init__(self, denoiser, event_shape, *, sigma_min=None, sigma_max=None, num_steps=64,
                  sampler="ancestral", eta=None, rho=7.0, chunk_size=4096, progress=False,
-                 batch_shape=torch.Size(), validate_args=None):
+                 batch_shape=(), validate_args=None):
         if not callable(denoiser):
             raise TypeError(f"denoiser must be callable as denoiser(x, sigma), got "
                             f"{type(denoiser).__name__}")
         event_shape = torch.Size(int(n) for n in event_shape)
         if len(event_shape) == 0 or any(n < 1 for n in event_shape):
-            raise ValueError(f"event_shape must be non-empty and positive, got {tuple(event_shape)}")
+            raise ValueError(f"event_shape must be non-empty and positive, "
+                             f"got {tuple(event_shape)}")
         self.denoiser = denoiser
         scale = _as_float(getattr(denoiser, "data_std", 1.0), "denoiser.data_std")
         self.sigma_min = _as_float(0.002 * scale if sigma_min is None else sigma_min, "sigma_min")
-        self.sigma_max = _as_float(80.0 * scale if sigma_max is None else sigma_max, "sigma_max")
+        self.sigma_max = _as_float(20.0 * scale if sigma_max is None else sigma_max, "sigma_max")
         if not 0 < self.sigma_min < self.sigma_max:
             raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={self.sigma_min}, "
                              f"sigma_max={self.sigma_max}")
@@ -209,7 +211,7 @@ class DiffusionPrior(TorchDistribution):
         return mean + math.sqrt(self.sigma_max ** 2 + std ** 2) * eps
 
     @torch.no_grad()
-    def sample(self, sample_shape=torch.Size()):
+    def sample(self, sample_shape=()):
         """Draw ``sample_shape + batch_shape + event_shape`` samples by the reverse process."""
         shape = torch.Size(sample_shape) + self.batch_shape
         total = shape.numel()
@@ -307,7 +309,7 @@ class DiffusionPrior(TorchDistribution):
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         except FileNotFoundError:
             raise
-        except Exception as e:  # noqa: BLE001 - anything unreadable is reported the same way
+        except Exception as e:
             raise ValueError(f"{path} is not a readable pyro-diffusion checkpoint "
                              f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
         if not isinstance(checkpoint, dict) or checkpoint.get("format") != _FORMAT:

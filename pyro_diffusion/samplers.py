@@ -56,7 +56,7 @@ def num_evaluations(sampler, num_steps):
 
 
 def ddim_step(x, x_hat, sigma, sigma_next, eta):
-    r"""One DDIM-:math:`\eta` step from ``sigma`` to ``sigma_next`` (tensors of shape ``(batch,)``).
+    r"""One DDIM-:math:`\eta` step from ``sigma`` to ``sigma_next``, each of shape ``(batch,)``.
 
     ``sigma_next == 0`` returns ``x_hat``.
     """

@@ -35,7 +35,8 @@ def check_samples(samples, event_shape=None, name="samples"):
         try:
             samples = torch.as_tensor(samples)
         except (TypeError, ValueError, RuntimeError) as e:
-            raise TypeError(f"{name} must be a tensor or array, got {type(samples).__name__}") from e
+            raise TypeError(f"{name} must be a tensor or array, "
+                            f"got {type(samples).__name__}") from e
     if not samples.is_floating_point():
         samples = samples.to(torch.get_default_dtype())
     if samples.dim() < 2:
@@ -90,7 +91,7 @@ class _EMA:
         decay = min(self.decay, (1.0 + t) / (10.0 + t))
         torch._foreach_lerp_(list(self.module.parameters()),
                              [p.detach() for p in module.parameters()], 1.0 - decay)
-        for ema_b, b in zip(self.module.buffers(), module.buffers()):
+        for ema_b, b in zip(self.module.buffers(), module.buffers(), strict=True):
             ema_b.copy_(b)
 
 
