@@ -102,7 +102,7 @@ class DiffusionPrior(TorchDistribution):
         super().__init__(torch.Size(batch_shape), event_shape, validate_args=validate_args)
 
     # ----- Distribution interface -------------------------------------------------------------
-    @constraints.dependent_property(is_discrete=False, event_dim=0)
+    @property
     def support(self):
         return constraints.independent(constraints.real, len(self.event_shape))
 
@@ -163,9 +163,7 @@ class DiffusionPrior(TorchDistribution):
 
     # ----- Denoiser and score -----------------------------------------------------------------
     def _flatten(self, x, sigma):
-        x = torch.as_tensor(x, device=self.device)
-        if not x.is_floating_point():
-            x = x.to(self.dtype)
+        x = torch.as_tensor(x, device=self.device, dtype=self.dtype)
         k = len(self.event_shape)
         if x.dim() < k or x.shape[x.dim() - k:] != self.event_shape:
             raise ValueError(f"x must have shape (..., {', '.join(map(str, self.event_shape))}),"
@@ -252,7 +250,7 @@ class DiffusionPrior(TorchDistribution):
             ``sigma_min``, ``sigma_max``, ...).
         :returns: a trained :class:`DiffusionPrior`, with ``training_history`` set.
         """
-        samples = check_samples(samples)
+        samples = check_samples(samples).to(torch.get_default_dtype())
         device = torch.device(device) if device is not None else samples.device
         if not 0.0 <= validation_fraction < 1.0:
             raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}")

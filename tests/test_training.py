@@ -85,7 +85,7 @@ def test_seeded_fit_is_reproducible_and_leaves_global_rng_alone():
 
 
 def test_fit_accepts_numpy_and_a_custom_network():
-    data = np.random.default_rng(0).normal(size=(64, 4)).astype(np.float32)
+    data = np.random.default_rng(0).normal(size=(64, 4))  # float64, as numpy makes it
     prior = DiffusionPrior.fit(data, net=MLP((4,), width=16, depth=1), steps=5, progress=False,
                                num_steps=7)
     assert prior.event_shape == (4,) and prior.num_steps == 7
