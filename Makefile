@@ -21,7 +21,7 @@ demo: install
 	$(PY) -m pyro_diffusion demo
 
 test: install
-	OMP_NUM_THREADS=2 $(PY) -m pytest -q -ra --durations=15
+	$(PY) -m pytest -q -ra --durations=15
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
@@ -30,7 +30,12 @@ lint: install
 	$(PY) -m ruff check pyro_diffusion tests bench
 
 bench: install
+	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) bench/sampling.py
+
+docs: install
+	$(PY) -m pip install -q -e ".[docs]"
+	$(PY) -m sphinx -W -q -b html docs docs/_build/html
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

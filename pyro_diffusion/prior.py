@@ -57,8 +57,11 @@ class DiffusionPrior(TorchDistribution):
     :param tuple event_shape: shape of one draw.
     :param float sigma_min: smallest positive noise level of the grid (default
         ``0.002 * data_std``).
-    :param float sigma_max: noise level where sampling starts (default ``20 * data_std``,
-        inside the range of noise levels that training covers).
+    :param float sigma_max: noise level where sampling starts (default ``80 * data_std``).
+        Sampling starts from :math:`N(m, (\sigma_{\max}^2 + s^2) I)` with the data's mean
+        :math:`m` and root mean variance :math:`s`, so ``sigma_max`` must dwarf the data's
+        largest standard deviation, not only the average one (a smooth field's leading
+        eigenvalue can be tens of times ``data_std ** 2``).
         ``data_std`` is read from ``denoiser.data_std`` when it exists, else 1.
     :param int num_steps: reverse steps (denoiser calls of the ancestral sampler).
     :param str sampler: ``"ancestral"`` (default), ``"ddim"`` or ``"heun"``.
@@ -85,7 +88,7 @@ class DiffusionPrior(TorchDistribution):
         self.denoiser = denoiser
         scale = _as_float(getattr(denoiser, "data_std", 1.0), "denoiser.data_std")
         self.sigma_min = _as_float(0.002 * scale if sigma_min is None else sigma_min, "sigma_min")
-        self.sigma_max = _as_float(20.0 * scale if sigma_max is None else sigma_max, "sigma_max")
+        self.sigma_max = _as_float(80.0 * scale if sigma_max is None else sigma_max, "sigma_max")
         if not 0 < self.sigma_min < self.sigma_max:
             raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={self.sigma_min}, "
                              f"sigma_max={self.sigma_max}")
@@ -290,6 +293,7 @@ class DiffusionPrior(TorchDistribution):
             "event_shape": list(self.event_shape),
             "settings": settings,
             "denoiser": module_to_dict(self.denoiser),
+            "training_history": self.training_history,
         }
         path = os.fspath(path)
         tmp = path + ".tmp"
@@ -331,4 +335,6 @@ class DiffusionPrior(TorchDistribution):
         if map_location is not None:
             denoiser = denoiser.to(map_location)
         denoiser.eval()
-        return cls(denoiser, event_shape, **saved)
+        prior = cls(denoiser, event_shape, **saved)
+        prior.training_history = checkpoint.get("training_history")
+        return prior

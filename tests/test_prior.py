@@ -89,7 +89,7 @@ def test_default_noise_range_follows_the_data_scale():
     gm = grid_mixture(d=2)
     prior = DiffusionPrior(gm, (2,))
     scale = gm.data_std.item()
-    assert prior.sigma_max == pytest.approx(20 * scale)
+    assert prior.sigma_max == pytest.approx(80 * scale)
     assert prior.sigma_min == pytest.approx(0.002 * scale)
     grid = prior.sigmas
     assert grid.shape == (prior.num_steps + 1,) and grid[-1] == 0
@@ -126,6 +126,7 @@ def test_save_load_round_trip_gives_identical_samples(tmp_path, make):
     b = loaded.sample((16,))
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert DiffusionPrior.load(path, num_steps=3).num_steps == 3
+    assert loaded.training_history == prior.training_history
 
 
 def test_checkpoint_errors(tmp_path):

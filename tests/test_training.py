@@ -22,13 +22,15 @@ def _ring(num_modes=8, radius=4.0, var=0.09):
 
 
 @pytest.mark.slow
-def test_two_dimensional_mixture_is_learned():
+def test_two_dimensional_mixture_is_learned(tmp_path):
     ring = _ring()
     data = ring.sample_data(20_000)
     prior = DiffusionPrior.fit(data, steps=2000, seed=0, progress=False,
                                validation_fraction=0.1, num_steps=128)
     history = prior.training_history
     assert len(history["loss"]) == 2000 and not history["interrupted"]
+    prior.save(tmp_path / "ring.pt")
+    assert DiffusionPrior.load(tmp_path / "ring.pt").training_history == history
     val = [v for _, v in history["val_loss"]]
     assert len(val) == 20 and val[-1] < val[0]
 
