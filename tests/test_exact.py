@@ -42,12 +42,11 @@ def test_gaussian_denoiser_singular_cov_and_zero_sigma():
     torch.testing.assert_close(out, torch.tensor([[0.2, 0.4]], dtype=torch.float64))
 
 
-def test_gaussian_denoiser_against_monte_carlo():
-    d = 3
-    den = GaussianDenoiser(torch.tensor([1.0, -1.0, 0.5], dtype=torch.float64), random_cov(d))
+def _assert_matches_monte_carlo(den, sigmas):
+    """Compare ``den`` with importance estimates of E[x0 | x] at noisy draws, per noise level."""
     draws = den.sample_data(400_000)
-    for sigma in (0.3, 1.0, 3.0):
-        x = den.sample_data(4) + sigma * torch.randn(4, d, dtype=torch.float64)
+    for sigma in sigmas:
+        x = den.sample_data(4) + sigma * torch.randn_like(draws[:4])
         exact = den(x, torch.full((4,), sigma, dtype=torch.float64))
         for i in range(4):
             mc, se = _posterior_mean_mc(draws, x[i], sigma)
@@ -56,19 +55,18 @@ def test_gaussian_denoiser_against_monte_carlo():
             assert ((mc - exact[i]).abs() <= 5 * se + 2e-3).all(), (sigma, mc, exact[i], se)
 
 
+def test_gaussian_denoiser_against_monte_carlo():
+    den = GaussianDenoiser(torch.tensor([1.0, -1.0, 0.5], dtype=torch.float64), random_cov(3))
+    _assert_matches_monte_carlo(den, (0.3, 1.0, 3.0))
+
+
 def test_mixture_denoiser_against_monte_carlo():
     gm = GaussianMixtureDenoiser(
         torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64),
         torch.tensor([[-3.0, 0.0], [2.0, 2.0], [1.0, -3.0]], dtype=torch.float64),
         torch.stack([random_cov(2, 0.1, 1.0, seed=k) for k in range(3)]),
     )
-    draws = gm.sample_data(400_000)
-    for sigma in (0.2, 1.0, 3.0):
-        x = gm.sample_data(4) + sigma * torch.randn(4, 2, dtype=torch.float64)
-        exact = gm(x, torch.full((4,), sigma, dtype=torch.float64))
-        for i in range(4):
-            mc, se = _posterior_mean_mc(draws, x[i], sigma)
-            assert ((mc - exact[i]).abs() <= 5 * se + 2e-3).all(), (sigma, mc, exact[i], se)
+    _assert_matches_monte_carlo(gm, (0.2, 1.0, 3.0))
 
 
 def test_mixture_score_is_gradient_of_log_density():
