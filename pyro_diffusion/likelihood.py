@@ -1,0 +1,216 @@
+"""Reading the likelihood of a Pyro model whose latent field has a ``DiffusionPrior``.
+
+Users never restate their likelihood. :class:`ModelLikelihood` traces the model once to find
+its :class:`~pyro_diffusion.DiffusionPrior` site and its observed sites, then evaluates the
+observed sites for a whole batch of latent values in one trace: the model runs inside a plate
+over particles with the diffusion site's value set to the batch, and each observed site keeps
+its own Pyro distribution, whose parameters are then differentiable functions of the latent.
+
+The model must broadcast over one leading batch dimension of the latent value: inside
+:meth:`ModelLikelihood.trace` the value has shape ``(n, *event_shape)``, so index it with
+``f[..., idx]`` (not ``f[idx]``) and let the observed sites' batch shape be ``(n, *plates)``.
+"""
+
+import pyro
+import torch
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.util import site_is_subsample
+
+from .prior import DiffusionPrior
+
+
+def _unwrap(fn):
+    """The distribution under Independent / Masked / Expanded wrappers."""
+    while True:
+        inner = getattr(fn, "base_dist", None)
+        if inner is None:
+            return fn
+        fn = inner
+
+
+def _is_diffusion_site(site):
+    return (site["type"] == "sample" and not site["is_observed"]
+            and isinstance(_unwrap(site["fn"]), DiffusionPrior))
+
+
+class _SetDiffusionValue(Messenger):
+    """Give each ``DiffusionPrior`` site a value instead of running its reverse process."""
+
+    def __init__(self, value=None):
+        super().__init__()
+        self.value = value
+
+    def _pyro_sample(self, msg):
+        if msg["is_observed"] or not isinstance(_unwrap(msg["fn"]), DiffusionPrior):
+            return
+        fn = msg["fn"]
+        if self.value is None:
+            msg["value"] = torch.zeros(fn.shape(), dtype=_unwrap(fn).dtype,
+                                       device=_unwrap(fn).device)
+        else:
+            msg["value"] = self.value
+        msg["infer"] = dict(msg["infer"], _diffusion_site=True)
+
+
+def _check_observation(name, fn, value):
+    """Clear errors for observed values a count likelihood cannot take."""
+    if not isinstance(value, torch.Tensor):
+        return
+    if value.is_floating_point() and torch.isnan(value).any():
+        raise ValueError(f"observed site {name!r} contains NaN values "
+                         f"({int(torch.isnan(value).sum())} of {value.numel()}); "
+                         "mask them with poutine.mask or drop them from the data")
+    base = _unwrap(fn)
+    kind = type(base).__name__
+    if kind not in ("Poisson", "Binomial", "Bernoulli", "NegativeBinomial"):
+        return
+    if (value < 0).any():
+        raise ValueError(f"observed site {name!r} ({kind}) has negative counts, e.g. "
+                         f"{value[value < 0].flatten()[0].item():g}")
+    if (value != value.round()).any():
+        bad = value[value != value.round()].flatten()[0].item()
+        raise ValueError(f"observed site {name!r} ({kind}) has non-integer counts, e.g. {bad:g}")
+    if kind == "Bernoulli" and (value > 1).any():
+        raise ValueError(f"observed site {name!r} (Bernoulli) takes 0 or 1, got "
+                         f"{value[value > 1].flatten()[0].item():g}")
+    if kind == "Binomial":
+        n = torch.as_tensor(base.total_count, dtype=value.dtype, device=value.device)
+        over = value > n
+        if over.any():
+            idx = over.nonzero()[0].tolist()
+            raise ValueError(f"observed site {name!r} (Binomial) has y > total_count at index "
+                             f"{tuple(idx)}: y={value[tuple(idx)].item():g}, total_count="
+                             f"{n.expand_as(value)[tuple(idx)].item():g}")
+
+
+class ModelLikelihood:
+    """The observed part of a Pyro model, as a function of its ``DiffusionPrior`` site.
+
+    :param callable model: a Pyro model with exactly one latent site distributed as a
+        :class:`~pyro_diffusion.DiffusionPrior`, observed sites (``obs=...``) and optionally
+        ``pyro.deterministic`` sites.
+    :param tuple args: positional arguments of the model.
+    :param dict kwargs: keyword arguments of the model.
+    :raises ValueError: for a model without, or with more than one, diffusion site, for other
+        latent sites, for observations of the wrong shape, NaNs, or impossible counts.
+    """
+
+    def __init__(self, model, args=(), kwargs=None):
+        self.model = model
+        self.args = tuple(args)
+        self.kwargs = dict(kwargs or {})
+        with torch.no_grad():
+            trace = pyro.poutine.trace(_SetDiffusionValue()(model)).get_trace(*self.args,
+                                                                            **self.kwargs)
+        diffusion, latent, observed, deterministic = [], [], [], []
+        max_dim = 0
+        for name, site in trace.nodes.items():
+            if site["type"] != "sample" or site_is_subsample(site):
+                continue
+            for frame in site["cond_indep_stack"]:
+                if frame.vectorized and frame.dim is not None:
+                    max_dim = max(max_dim, -frame.dim)
+            if site["infer"].get("_diffusion_site"):
+                diffusion.append(name)
+            elif site["infer"].get("_deterministic"):
+                deterministic.append(name)
+            elif site["is_observed"]:
+                observed.append(name)
+            elif not site["infer"].get("is_auxiliary"):
+                latent.append(name)
+        if not diffusion:
+            raise ValueError("the model has no sample site distributed as a DiffusionPrior; "
+                             "write e.g. f = pyro.sample('f', prior) with a DiffusionPrior prior")
+        if len(diffusion) > 1:
+            raise ValueError(f"the model has {len(diffusion)} DiffusionPrior sites "
+                             f"({', '.join(map(repr, diffusion))}); exactly one is supported")
+        if latent:
+            raise ValueError(f"latent site(s) {', '.join(map(repr, latent))} are not "
+                             "DiffusionPrior sites; observe them, fix them with "
+                             "poutine.condition, or make them pyro.deterministic")
+        if not observed:
+            raise ValueError("the model has no observed sites: pass data with obs=...")
+        site = trace.nodes[diffusion[0]]
+        for frame in site["cond_indep_stack"]:
+            if frame.vectorized:
+                raise ValueError(f"the DiffusionPrior site {diffusion[0]!r} is inside plate "
+                                 f"{frame.name!r}; put it outside all plates")
+        for name in observed:
+            obs = trace.nodes[name]
+            value, fn = obs["value"], obs["fn"]
+            if isinstance(value, torch.Tensor) and tuple(value.shape) != tuple(fn.shape()):
+                raise ValueError(
+                    f"observed site {name!r} has a value of shape {tuple(value.shape)} but the "
+                    f"model's distribution there has shape {tuple(fn.shape())} (batch "
+                    f"{tuple(fn.batch_shape)}, event {tuple(fn.event_shape)})")
+            _check_observation(name, fn, value)
+        self.site = diffusion[0]
+        self.prior = _unwrap(site["fn"])
+        self.observed_sites = observed
+        self.deterministic_sites = deterministic
+        #: Plate dims the model uses (for callers that add their own plates to the left).
+        self.max_plate_nesting = max_dim
+
+    @property
+    def event_shape(self):
+        return self.prior.event_shape
+
+    def trace(self, x):
+        """Trace the model with the diffusion site set to the batch ``x`` ``(n, *event_shape)``.
+
+        The model sees the value with its leading batch dim; its observed sites then hold
+        distributions of batch shape ``(n, *plates)`` whose parameters depend on ``x``
+        (differentiably, if ``x`` requires grad). Plates keep their own dims, to the right of
+        the particles, so no plate dim is reserved for them.
+        """
+        return pyro.poutine.trace(_SetDiffusionValue(x)(self.model)).get_trace(
+            *self.args, **self.kwargs)
+
+    @staticmethod
+    def _plate_depth(site):
+        dims = [-f.dim for f in site["cond_indep_stack"] if f.vectorized and f.dim is not None]
+        return max(dims, default=0)
+
+    def _per_particle(self, value, site, n):
+        """Split a site's batch ``(n, *plates)`` into ``(n, -1)``; a value without the particle
+        dim (a site that does not depend on the latent) is broadcast over particles."""
+        depth = self._plate_depth(site)
+        if value.dim() > depth + 1:
+            raise ValueError(f"site {site['name']!r} has batch shape {tuple(value.shape)}: more "
+                             f"dims than its {depth} plate dim(s) and one particle dim; the model "
+                             "must broadcast over one leading batch dim of the latent")
+        if value.dim() == depth + 1 and value.shape[0] == n:
+            return value.reshape(n, -1)
+        return value.reshape(1, -1).expand(n, -1)
+
+    def site_log_prob(self, site, n):
+        """Per-particle log-likelihood ``(n,)`` of one observed site of a :meth:`trace`."""
+        lp = site["fn"].log_prob(site["value"])
+        mask = site.get("mask")
+        if isinstance(mask, torch.Tensor):
+            lp = lp.masked_fill(~mask, 0.0)
+        elif mask is False:
+            lp = torch.zeros_like(lp)
+        return self._per_particle(lp * site.get("scale", 1.0), site, n).sum(-1)
+
+    def log_likelihood(self, x):
+        """Per-particle :math:`\\log p(y \\mid x)` summed over observed sites, shape ``(n,)``."""
+        trace = self.trace(x)
+        n = x.shape[0]
+        total = x.new_zeros(n)
+        for name in self.observed_sites:
+            total = total + self.site_log_prob(trace.nodes[name], n)
+        return total
+
+    def deterministic(self, x):
+        """Values of the model's ``pyro.deterministic`` sites for the batch ``x``, each of shape
+        ``(n, *site_shape)``."""
+        with torch.no_grad():
+            trace = self.trace(x) if self.deterministic_sites else None
+        out, n = {}, x.shape[0]
+        for name in self.deterministic_sites:
+            # By the model's broadcasting contract a value that depends on the latent leads
+            # with the particle dim; anything else is a constant, repeated for each particle.
+            v = trace.nodes[name]["value"]
+            out[name] = v if v.dim() and v.shape[0] == n else v.expand((n,) + v.shape)
+        return out

@@ -1,0 +1,142 @@
+"""Reading the likelihood from a Pyro model: values, gradients and errors."""
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+
+from pyro_diffusion import DiffusionPrior, GaussianDenoiser
+from pyro_diffusion.likelihood import ModelLikelihood
+
+D = 4
+
+
+def _prior(d=D):
+    return DiffusionPrior(GaussianDenoiser(torch.zeros(d), torch.eye(d)), (d,), num_steps=4)
+
+
+def linear_gaussian(prior, A, y, noise=0.5):
+    f = pyro.sample("f", prior)
+    pyro.sample("y", dist.Normal(f @ A.T, noise).to_event(1), obs=y)
+
+
+def poisson_in_plate(prior, idx, exposure, y):
+    f = pyro.sample("f", prior)
+    with pyro.plate("areas", len(y)):
+        pyro.sample("y", dist.Poisson(exposure * f[..., idx].exp()), obs=y)
+        pyro.deterministic("risk", f[..., idx].exp())
+
+
+def binomial_two_sites(prior, n, y, z):
+    f = pyro.sample("f", prior)
+    with pyro.plate("villages", len(y)):
+        pyro.sample("y", dist.Binomial(n, logits=f[..., :len(y)]), obs=y)
+    pyro.sample("z", dist.Normal(f.sum(-1), 1.0), obs=z)
+
+
+def test_linear_gaussian_values_and_gradient():
+    A = torch.randn(3, D)
+    y = torch.randn(3)
+    lik = ModelLikelihood(linear_gaussian, (_prior(), A, y))
+    assert lik.site == "f" and lik.observed_sites == ["y"] and lik.max_plate_nesting == 0
+    x = torch.randn(5, D, requires_grad=True)
+    ll = lik.log_likelihood(x)
+    expected = dist.Normal(x @ A.T, 0.5).log_prob(y).sum(-1)
+    torch.testing.assert_close(ll, expected)
+    (grad,) = torch.autograd.grad(ll.sum(), x)
+    torch.testing.assert_close(grad, ((y - x @ A.T) / 0.25) @ A)
+
+
+def test_poisson_in_a_plate_and_deterministic_sites():
+    idx = torch.tensor([0, 2, 3, 3, 1])
+    exposure = torch.tensor([1.0, 2.0, 0.5, 3.0, 1.5])
+    y = torch.tensor([0.0, 3.0, 1.0, 7.0, 2.0])
+    lik = ModelLikelihood(poisson_in_plate, (_prior(), idx, exposure, y))
+    assert lik.max_plate_nesting == 1 and lik.deterministic_sites == ["risk"]
+    x = torch.randn(6, D)
+    expected = dist.Poisson(exposure * x[:, idx].exp()).log_prob(y).sum(-1)
+    torch.testing.assert_close(lik.log_likelihood(x), expected)
+    risk = lik.deterministic(x)["risk"]
+    torch.testing.assert_close(risk, x[:, idx].exp())
+
+
+def test_several_observed_sites_add_up():
+    n = torch.tensor([10.0, 20.0])
+    y = torch.tensor([3.0, 15.0])
+    z = torch.tensor(0.7)
+    lik = ModelLikelihood(binomial_two_sites, (_prior(), n, y, z))
+    x = torch.randn(7, D)
+    expected = (dist.Binomial(n, logits=x[:, :2]).log_prob(y).sum(-1)
+                + dist.Normal(x.sum(-1), 1.0).log_prob(z))
+    torch.testing.assert_close(lik.log_likelihood(x), expected)
+
+
+def test_masked_and_scaled_sites():
+    y = torch.tensor([1.0, 2.0, 3.0])
+    mask = torch.tensor([True, False, True])
+
+    def model(prior):
+        f = pyro.sample("f", prior)
+        with pyro.plate("obs", 3), pyro.poutine.scale(scale=2.0), pyro.poutine.mask(mask=mask):
+            pyro.sample("y", dist.Normal(f[..., :3], 1.0), obs=y)
+
+    x = torch.randn(4, D)
+    lp = dist.Normal(x[:, :3], 1.0).log_prob(y)
+    expected = 2.0 * (lp * mask).sum(-1)
+    torch.testing.assert_close(ModelLikelihood(model, (_prior(),)).log_likelihood(x), expected)
+
+
+def _no_diffusion(prior):
+    f = pyro.sample("f", dist.Normal(torch.zeros(D), 1.0).to_event(1))
+    pyro.sample("y", dist.Normal(f, 1.0).to_event(1), obs=torch.zeros(D))
+
+
+def _two_diffusion(prior):
+    f = pyro.sample("f", prior)
+    g = pyro.sample("g", prior)
+    pyro.sample("y", dist.Normal(f + g, 1.0).to_event(1), obs=torch.zeros(D))
+
+
+def _extra_latent(prior):
+    f = pyro.sample("f", prior)
+    s = pyro.sample("noise_scale", dist.HalfNormal(1.0))
+    pyro.sample("y", dist.Normal(f, s).to_event(1), obs=torch.zeros(D))
+
+
+def _in_plate(prior):
+    with pyro.plate("rep", 2):
+        f = pyro.sample("f", prior)
+        pyro.sample("y", dist.Normal(f, 1.0).to_event(1), obs=torch.zeros(2, D))
+
+
+def _counts(kind, y, n=None):
+    def model(prior):
+        f = pyro.sample("f", prior)
+        if kind == "poisson":
+            d = dist.Poisson(f[..., :2].exp())
+        elif kind == "binomial":
+            d = dist.Binomial(n, logits=f[..., :2])
+        elif kind == "bernoulli":
+            d = dist.Bernoulli(logits=f[..., :2])
+        else:
+            d = dist.Normal(f[..., :2], 1.0)
+        pyro.sample("y", d.to_event(1), obs=y)
+    return model
+
+
+@pytest.mark.parametrize("model,match", [
+    (_no_diffusion, "no sample site distributed as a DiffusionPrior"),
+    (_two_diffusion, "2 DiffusionPrior sites"),
+    (_extra_latent, "'noise_scale'"),
+    (_in_plate, "inside plate 'rep'"),
+    (_counts("poisson", torch.tensor([1.0, -2.0])), "'y' \\(Poisson\\) has negative counts"),
+    (_counts("poisson", torch.tensor([1.0, 2.5])), "non-integer counts, e.g. 2.5"),
+    (_counts("binomial", torch.tensor([3.0, 12.0]), torch.tensor([5.0, 10.0])),
+     "y > total_count at index \\(1,\\): y=12, total_count=10"),
+    (_counts("bernoulli", torch.tensor([1.0, 2.0])), "takes 0 or 1"),
+    (_counts("normal", torch.tensor([1.0, float("nan")])), "'y' contains NaN"),
+    (_counts("normal", torch.tensor([1.0, 2.0, 3.0])), "shape \\(3,\\) but the model's"),
+])
+def test_clear_errors(model, match):
+    with pytest.raises(ValueError, match=match):
+        ModelLikelihood(model, (_prior(),))
