@@ -2,9 +2,10 @@
 
 Users never restate their likelihood. :class:`ModelLikelihood` traces the model once to find
 its :class:`~pyro_diffusion.DiffusionPrior` site and its observed sites, then evaluates the
-observed sites for a whole batch of latent values in one trace: the model runs inside a plate
-over particles with the diffusion site's value set to the batch, and each observed site keeps
-its own Pyro distribution, whose parameters are then differentiable functions of the latent.
+observed sites for a whole batch of latent values in one trace: the diffusion site's value is
+set to the batch, and each observed site keeps its own Pyro distribution, whose parameters are
+then differentiable functions of the latent. No plate dim is reserved for the particles: they
+are the leading dim of the latent, so the user's plates keep their own dims.
 
 The model must broadcast over one leading batch dimension of the latent value: inside
 :meth:`ModelLikelihood.trace` the value has shape ``(n, *event_shape)``, so index it with
