@@ -2,19 +2,26 @@
 
 from ._version import __version__
 from .exact import GaussianDenoiser, GaussianMixtureDenoiser
+from .guidance import DPS, MMPS, EvidenceTrick, Guidance
 from .metrics import sliced_wasserstein
 from .networks import MLP, UNet, default_network
 from .noise_grid import noise_grid
+from .posterior import DiffusionPosterior
 from .preconditioning import EDMDenoiser
 from .prior import DiffusionPrior
 from .samplers import reverse_sample
 from .serialization import register_denoiser
 
 __all__ = [
+    "DPS",
+    "MMPS",
+    "DiffusionPosterior",
     "DiffusionPrior",
     "EDMDenoiser",
+    "EvidenceTrick",
     "GaussianDenoiser",
     "GaussianMixtureDenoiser",
+    "Guidance",
     "MLP",
     "UNet",
     "__version__",

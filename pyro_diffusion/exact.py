@@ -105,6 +105,19 @@ class GaussianDenoiser(nn.Module):
         out = self.mean + shrunk @ self.evecs.transpose(-1, -2)
         return out.reshape(x.shape)
 
+    def condition(self, A, y, noise_cov):
+        r"""The exact posterior given :math:`y = A x_0 + N(0, \Sigma_y)`, as a denoiser.
+
+        :param torch.Tensor A: ``(m, d)`` observation matrix (on the flattened event).
+        :param torch.Tensor y: ``(m,)`` observation.
+        :param noise_cov: :math:`\Sigma_y`, ``(m, m)``, ``(m,)`` diagonal or a scalar variance.
+        :returns: ``(GaussianDenoiser, log_evidence)``.
+        """
+        mix = GaussianMixtureDenoiser(self.mean.new_ones(1), self.mean[None], self.cov[None],
+                                      event_shape=self.event_shape)
+        post, log_ev = mix.condition(A, y, noise_cov)
+        return GaussianDenoiser(post.means[0], post.covs[0], self.event_shape), log_ev
+
     def sample_data(self, num_samples):
         """Exact draws from :math:`N(\\mu, \\Sigma)`, of shape ``(num_samples, *event_shape)``."""
         eps = torch.randn(num_samples, self.mean.numel(), dtype=self.mean.dtype,
@@ -222,6 +235,44 @@ class GaussianMixtureDenoiser(nn.Module):
             eps = torch.einsum("nkd,nd->nk", self.evecs[k], eps)
         x = self.means[k] + eps
         return x.reshape((num_samples,) + self.event_shape)
+
+    def full_covs(self):
+        """Component covariances as ``(K, d, d)`` matrices."""
+        return torch.diag_embed(self.covs) if self.diagonal else self.covs
+
+    def condition(self, A, y, noise_cov):
+        r"""The exact posterior given :math:`y = A x_0 + N(0, \Sigma_y)`: a Gaussian mixture with
+        :math:`C_k = (\Sigma_k^{-1} + A^\top \Sigma_y^{-1} A)^{-1}`,
+        :math:`m_k = \mu_k + \Sigma_k A^\top S_k^{-1}(y - A\mu_k)` and weights
+        :math:`\propto w_k N(y; A\mu_k, S_k)`, :math:`S_k = \Sigma_y + A\Sigma_k A^\top`.
+
+        :param torch.Tensor A: ``(m, d)`` observation matrix (on the flattened event).
+        :param torch.Tensor y: ``(m,)`` observation.
+        :param noise_cov: :math:`\Sigma_y`: ``(m, m)``, ``(m,)`` diagonal, or a scalar variance.
+        :returns: ``(GaussianMixtureDenoiser, log_evidence)``.
+        """
+        A = torch.as_tensor(A, dtype=self.means.dtype, device=self.means.device)
+        y = torch.as_tensor(y, dtype=self.means.dtype, device=self.means.device).reshape(-1)
+        m, d = A.shape
+        if d != self.means.shape[-1] or y.shape != (m,):
+            raise ValueError(f"need A of shape (m, {self.means.shape[-1]}) and y of shape (m,), "
+                             f"got {tuple(A.shape)} and {tuple(y.shape)}")
+        noise = torch.as_tensor(noise_cov, dtype=A.dtype, device=A.device)
+        if noise.dim() <= 1:
+            noise = torch.diag_embed(noise.expand(m))
+        covs = self.full_covs()
+        S = noise + A @ covs @ A.T  # (K, m, m)
+        gain = covs @ A.T @ torch.linalg.inv(S)  # (K, d, m)
+        resid = y - self.means @ A.T  # (K, m)
+        means = self.means + (gain @ resid.unsqueeze(-1)).squeeze(-1)
+        post_covs = covs - gain @ A @ covs
+        post_covs = 0.5 * (post_covs + post_covs.transpose(-1, -2))
+        log_like = torch.distributions.MultivariateNormal(self.means @ A.T, S).log_prob(y)
+        log_w = self.log_weights + log_like
+        log_ev = torch.logsumexp(log_w, 0)
+        post = GaussianMixtureDenoiser((log_w - log_ev).exp(), means, post_covs,
+                                       event_shape=self.event_shape)
+        return post, log_ev
 
     def component_of(self, x):
         """Index of the most probable component of each sample (for mode-weight checks)."""

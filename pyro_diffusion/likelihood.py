@@ -172,13 +172,13 @@ class ModelLikelihood:
         dims = [-f.dim for f in site["cond_indep_stack"] if f.vectorized and f.dim is not None]
         return max(dims, default=0)
 
-    def _per_particle(self, value, site, n):
-        """Split a site's batch ``(n, *plates)`` into ``(n, -1)``; a value without the particle
-        dim (a site that does not depend on the latent) is broadcast over particles."""
-        depth = self._plate_depth(site)
+    def _per_particle(self, value, site, n, event_dim=0):
+        """Split a site quantity of shape ``(n, *plates, *event)`` into ``(n, -1)``; a value
+        without the particle dim (a site that does not depend on the latent) is repeated."""
+        depth = self._plate_depth(site) + event_dim
         if value.dim() > depth + 1:
-            raise ValueError(f"site {site['name']!r} has batch shape {tuple(value.shape)}: more "
-                             f"dims than its {depth} plate dim(s) and one particle dim; the model "
+            raise ValueError(f"site {site['name']!r} has shape {tuple(value.shape)}: more dims "
+                             f"than its plate and event dims and one particle dim; the model "
                              "must broadcast over one leading batch dim of the latent")
         if value.dim() == depth + 1 and value.shape[0] == n:
             return value.reshape(n, -1)

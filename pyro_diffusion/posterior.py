@@ -1,0 +1,111 @@
+"""``DiffusionPosterior``: guided reverse-process sampling of a Pyro model's posterior.
+
+The model is written in Pyro with one latent site distributed as a
+:class:`~pyro_diffusion.DiffusionPrior`; the likelihood is read from its observed sites
+(:class:`~pyro_diffusion.likelihood.ModelLikelihood`), a guidance
+(:mod:`pyro_diffusion.guidance`) turns it into a posterior denoiser, and the prior's reverse
+sampler runs with that denoiser in independent batches.
+"""
+
+import contextlib
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from .guidance import resolve_guidance
+from .inference_data import split_chains, to_inference_data
+from .likelihood import ModelLikelihood
+from .noise_grid import noise_grid
+from .samplers import check_sampler, reverse_sample
+
+
+class DiffusionPosterior:
+    """Posterior samples of a Pyro model whose latent field has a diffusion prior.
+
+    :param callable model: the Pyro model (see :class:`~pyro_diffusion.likelihood.ModelLikelihood`
+        for what it must satisfy).
+    :param guidance: ``"auto"``, ``"dps"``, ``"mmps"``, ``"evidence"`` or a
+        :class:`~pyro_diffusion.guidance.Guidance` instance.
+    :param int num_samples: posterior draws.
+    :param int num_steps: reverse steps (default: the prior's).
+    :param str sampler: ``"ancestral"`` (default) or ``"ddim"``.
+    :param float eta: DDIM stochasticity.
+    :param int batch_size: draws per batch; each batch is independent and becomes one ArviZ
+        chain.
+    :param device: where to sample (default: the prior's device).
+    :param int seed: seed for the run (the global RNG is restored afterwards).
+    :param bool progress: show a progress bar over batches and steps.
+    """
+
+    def __init__(self, model, guidance="auto", num_samples=1000, num_steps=None,
+                 sampler="ancestral", eta=None, batch_size=1000, device=None, seed=None,
+                 progress=True):
+        if sampler == "heun":
+            raise ValueError("guided sampling supports 'ancestral' and 'ddim' samplers")
+        self.sampler, self.eta = check_sampler(sampler, eta)
+        self.model = model
+        self.guidance = guidance
+        self.num_samples = int(num_samples)
+        self.num_steps = num_steps
+        self.batch_size = int(batch_size)
+        if self.num_samples < 1 or self.batch_size < 1:
+            raise ValueError("num_samples and batch_size must be positive")
+        self.device = device
+        self.seed = seed
+        self.progress = progress
+        self._samples = None
+        self._num_chains = None
+        self.wall_time = None
+
+    def run(self, *args, **kwargs):
+        """Sample the posterior of ``model(*args, **kwargs)``; returns ``self``."""
+        lik = ModelLikelihood(self.model, args, kwargs)
+        prior = lik.prior
+        if self.device is not None:
+            prior.to(self.device)
+        guidance = resolve_guidance(self.guidance, lik)
+        denoise = guidance.posterior_denoiser(lik, prior)
+        num_steps = self.num_steps or prior.num_steps
+        sigmas = noise_grid(num_steps, prior.sigma_min, prior.sigma_max, prior.rho,
+                            dtype=prior.dtype, device=prior.device)
+        devices = [prior.device] if prior.device.type == "cuda" else []
+        rng = torch.random.fork_rng(devices=devices) if self.seed is not None \
+            else contextlib.nullcontext()
+        start = time.perf_counter()
+        batches = []
+        with rng:
+            if self.seed is not None:
+                torch.manual_seed(self.seed)
+            sizes = [min(self.batch_size, self.num_samples - i)
+                     for i in range(0, self.num_samples, self.batch_size)]
+            for b, size in enumerate(tqdm(sizes, desc="posterior batches",
+                                          disable=not self.progress or len(sizes) == 1)):
+                x = reverse_sample(denoise, prior.initial_noise(size), sigmas,
+                                   sampler=self.sampler, eta=self.eta, progress=self.progress,
+                                   desc=f"posterior {b + 1}/{len(sizes)}")
+                batches.append(x.detach())
+        x = torch.cat(batches)
+        samples = {lik.site: x}
+        samples.update(lik.deterministic(x))
+        self.wall_time = time.perf_counter() - start
+        self._samples = samples
+        full = [s for s in sizes if s == sizes[0]]
+        self._num_chains = len(full) if len(full) == len(sizes) else 1
+        self.guidance_used = guidance
+        self.likelihood = lik
+        return self
+
+    def get_samples(self, group_by_chain=False):
+        """Posterior draws as a dict ``{site: (num_samples, ...)}`` (or
+        ``(num_chains, draws, ...)`` with ``group_by_chain=True``, one chain per batch)."""
+        if self._samples is None:
+            raise RuntimeError("call .run(...) first")
+        if group_by_chain:
+            return split_chains(self._samples, self._num_chains)
+        return dict(self._samples)
+
+    def to_inference_data(self, dims=None, coords=None):
+        """ArviZ inference data with the independent batches as chains."""
+        return to_inference_data(self.get_samples(group_by_chain=True), dims=dims,
+                                 coords=coords)
