@@ -42,7 +42,9 @@ With ``match="log"``, the Gamma is instead matched on the log scale,
 :math:`\mathrm{Var}[\log\lambda] = \psi_1(\alpha) = v` (:math:`\psi` the digamma and
 :math:`\psi_1` the trigamma function), solved for :math:`\alpha` by Newton steps on
 :math:`\log\alpha`. This fits the exact marginal better when :math:`v` is not small (total
-variation ``0.036`` instead of ``0.062`` at :math:`m = 0.3,\ v = 0.5`).
+variation to the exact marginal ``0.023`` instead of ``0.041`` at :math:`m = 0.3,\ v = 0.5`,
+``0.036`` instead of ``0.062`` at :math:`m = 1,\ v = 0.5`), though its log-probabilities
+of unlikely counts can be further off.
 
 **Binomial**, :math:`y \sim \mathrm{Binomial}(n, \sigma(\eta))`. The mean :math:`\mu` and
 variance :math:`w` of the logit-normal :math:`\sigma(\eta)` are computed by Gauss--Hermite
@@ -62,18 +64,26 @@ It is evaluated as the binomial log-likelihood at :math:`p = \mu` plus the three
 factorial corrections :math:`\log\frac{(a)_y (b)_{n-y}}{a^y b^{n-y}} -
 \log\frac{(\kappa)_n}{\kappa^n}`, each of which vanishes as :math:`\kappa \to \infty`
 (:math:`w \to 0`), so the binomial limit needs no special case. :math:`\kappa` is clamped to
-``[1e-6, 1e30]``. Bernoulli observations are the case :math:`n = 1`.
+``[1e-6, 1e30]``. Bernoulli observations are the case :math:`n = 1`, where the evidence
+:math:`\mu^y (1 - \mu)^{1 - y}` is exact up to the quadrature.
+
+With the default 20 nodes the relative error of :math:`\mu`, :math:`1 - \mu` and :math:`w`
+is below ``5e-6`` for :math:`v \le 2`, about ``6e-3`` at :math:`v = 10` and ``0.1`` at
+:math:`v = 50`, where :math:`\sigma(\eta)` looks like a step on the scale of the nodes (50
+nodes: ``6e-5`` and ``0.02``; 100 nodes: ``2e-7`` and ``2e-3``).
 
 All functions broadcast their arguments, return elementwise log evidences (no summing) and
-are differentiable with respect to the mean :math:`m` by autograd (and, for fixed
-:math:`y`, with respect to :math:`v` as well).
+are differentiable with respect to the mean :math:`m` by autograd, and with respect to
+:math:`v` as well (zero below the ``1e-30`` floor). They work in the promoted floating dtype
+of their arguments; in float32 the absolute rounding error is a few units of
+``eps * lgamma(n + 1)`` (about ``1e-2`` for counts near ``1e4``).
 
 References:
 
 - Micheli, Monod, Bhatt (2025), *Diffusion Models for Inverse Problems in the Exponential
   Family*, arXiv:2502.05994.
-- Abramowitz and Stegun (1964), *Handbook of Mathematical Functions*, 6.1.40-6.1.41
-  (Stirling series) and 6.4.12 (asymptotic trigamma).
+- Abramowitz and Stegun (1964), *Handbook of Mathematical Functions*, 6.1.40 (Stirling
+  series), 6.3.18 and 6.4.12 (asymptotic digamma and trigamma).
 """
 
 import math
@@ -167,9 +177,10 @@ def _check_mean_var(mean, var, mean_name, var_name):
 
 
 def _as_float_tensors(*values):
-    """Tensors sharing one floating dtype (the promoted one) and the first tensor's device."""
+    """Tensors sharing one floating dtype (the promoted one) and device (an accelerator if any)."""
     tensors = [torch.as_tensor(v) for v in values]
-    device = next((v.device for v in values if isinstance(v, torch.Tensor)), None)
+    devices = [t.device for t in tensors]
+    device = next((d for d in devices if d.type != "cpu"), devices[0])
     dtype = None
     for t in tensors:
         if t.is_floating_point():
@@ -244,8 +255,21 @@ def _log_rising_factorial(k, alpha, big=None):
 
 
 def _softplus(x):
-    """``log(1 + exp(x))`` without the cut-off of :func:`torch.nn.functional.softplus`."""
-    return x.clamp(min=0.0) + torch.log1p(torch.exp(-x.abs()))
+    """``log(1 + exp(x))``, stable, with the exact derivative ``1/2`` at ``0``.
+
+    Unlike :func:`torch.nn.functional.softplus` it has no linear cut-off (which drops a
+    ``exp(-20)`` relative term), and unlike :func:`torch.nn.functional.logsigmoid` it does not
+    cost milliseconds per call on a multi-threaded CPU.
+    """
+    pos = x > 0.0
+    x_pos = torch.where(pos, x, torch.zeros_like(x))
+    x_neg = torch.where(pos, torch.zeros_like(x), x)
+    return torch.where(pos, x_pos + torch.log1p(torch.exp(-x_pos)), torch.log1p(torch.exp(x_neg)))
+
+
+def _log_sigmoid(x):
+    """``log(sigmoid(x)) = -softplus(-x)``."""
+    return -_softplus(-x)
 
 
 def _log_minus_digamma(alpha):
@@ -286,8 +310,7 @@ def _negative_binomial_log_prob(y, alpha, log_alpha, log_mean):
     count_term = torch.where(
         neg,
         torch.where(big, ratio, direct - y * log_alpha) + y * (log_mean_neg - _softplus(x_neg)),
-        torch.where(big, ratio + y * log_alpha, direct)
-        + y * torch.nn.functional.logsigmoid(x_pos),
+        torch.where(big, ratio + y * log_alpha, direct) + y * _log_sigmoid(x_pos),
     )
     return count_term - shape_term - torch.lgamma(y + 1.0)
 
@@ -378,7 +401,7 @@ def _gauss_hermite(num_nodes, dtype, device):
 
 
 def _logit_normal_log_moments(m, v, num_nodes):
-    """``(log mu, log(1 - mu), log w)`` of ``sigmoid(eta)``, ``eta ~ N(m, v)``.
+    """``(log mu, log(1 - mu), w)``: mean and variance of ``sigmoid(eta)``, ``eta ~ N(m, v)``.
 
     The variance is computed from whichever of ``sigmoid(eta)`` and ``sigmoid(-eta)`` has the
     smaller mean, so that it keeps relative precision when ``mu`` is near 0 or 1.
@@ -386,10 +409,13 @@ def _logit_normal_log_moments(m, v, num_nodes):
     nodes, log_weights = _gauss_hermite(num_nodes, m.dtype, m.device)
     m, v = torch.broadcast_tensors(m, v)
     eta = m.unsqueeze(-1) + torch.sqrt(v.clamp(min=_VAR_FLOOR)).unsqueeze(-1) * nodes
-    log_p = torch.nn.functional.logsigmoid(eta) + log_weights
-    log_q = torch.nn.functional.logsigmoid(-eta) + log_weights
+    log_p = _log_sigmoid(eta) + log_weights
+    log_q = _log_sigmoid(-eta) + log_weights
     log_mu = torch.logsumexp(log_p, dim=-1)
     log_1m_mu = torch.logsumexp(log_q, dim=-1)
+    # make mu + (1 - mu) = 1 hold to rounding (the weights sum to 1 only to rounding)
+    log_total = torch.logaddexp(log_mu, log_1m_mu)
+    log_mu, log_1m_mu = log_mu - log_total, log_1m_mu - log_total
     # the smaller tail: s = min(sigmoid(eta), sigmoid(-eta)) side chosen by the sign of m
     flip = (m > 0).unsqueeze(-1)
     s = torch.sigmoid(torch.where(flip, -eta, eta))
