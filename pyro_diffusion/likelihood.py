@@ -17,6 +17,7 @@ import torch
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
+from .evidence import check_counts
 from .prior import DiffusionPrior
 
 
@@ -63,25 +64,13 @@ def _check_observation(name, fn, value):
                          "mask them with poutine.mask or drop them from the data")
     base = _unwrap(fn)
     kind = type(base).__name__
+    total = {"Binomial": getattr(base, "total_count", None), "Bernoulli": 1}.get(kind)
     if kind not in ("Poisson", "Binomial", "Bernoulli", "NegativeBinomial"):
         return
-    if (value < 0).any():
-        raise ValueError(f"observed site {name!r} ({kind}) has negative counts, e.g. "
-                         f"{value[value < 0].flatten()[0].item():g}")
-    if (value != value.round()).any():
-        bad = value[value != value.round()].flatten()[0].item()
-        raise ValueError(f"observed site {name!r} ({kind}) has non-integer counts, e.g. {bad:g}")
-    if kind == "Bernoulli" and (value > 1).any():
-        raise ValueError(f"observed site {name!r} (Bernoulli) takes 0 or 1, got "
-                         f"{value[value > 1].flatten()[0].item():g}")
-    if kind == "Binomial":
-        n = torch.as_tensor(base.total_count, dtype=value.dtype, device=value.device)
-        over = value > n
-        if over.any():
-            idx = over.nonzero()[0].tolist()
-            raise ValueError(f"observed site {name!r} (Binomial) has y > total_count at index "
-                             f"{tuple(idx)}: y={value[tuple(idx)].item():g}, total_count="
-                             f"{n.expand_as(value)[tuple(idx)].item():g}")
+    try:
+        check_counts(value, total, name=name)
+    except ValueError as e:
+        raise ValueError(f"observed site {name!r} ({kind}): {e}") from None
 
 
 class ModelLikelihood:

@@ -164,7 +164,7 @@ def test_to_inference_data_and_errors():
             prior, torch.ones(5, dtype=F64), y)
     with pytest.raises(ValueError, match="ancestral"):
         DiffusionPosterior(poisson_model, sampler="heun")
-    with pytest.raises(ValueError, match="negative counts"):
+    with pytest.raises(ValueError, match="non-negative count"):
         DiffusionPosterior(poisson_model, progress=False).run(prior, torch.ones(5, dtype=F64),
                                                               -y)
 
