@@ -27,7 +27,7 @@ import torch
 from .evidence import bernoulli_log_evidence, binomial_log_evidence, poisson_log_evidence
 from .likelihood import _unwrap
 
-GAUSSIAN = ("Normal",)
+GAUSSIAN = ("Normal", "MultivariateNormal")
 COUNTS = ("Poisson", "Binomial", "Bernoulli")
 
 
@@ -155,6 +155,38 @@ def _cg(matvec, b, x0, iterations):
     return x
 
 
+def _noise_operator(lik, trace, n):
+    """Products with the observation noise covariance :math:`\\Sigma_y` of the Gaussian sites
+    (block diagonal over sites) and its diagonal, on the ``(n, m)`` layout of ``_flat_sites``."""
+    blocks, diags = [], []
+    for site in _sites(lik, trace, GAUSSIAN):
+        base = _unwrap(site["fn"])
+        if type(base).__name__ == "Normal":
+            var = base.scale.detach().expand(site["fn"].shape()) ** 2
+            var = lik._per_particle(var, site, n, len(site["fn"].event_shape))
+            blocks.append((var.shape[-1], None, var))
+            diags.append(var)
+            continue
+        if lik._plate_depth(site):
+            raise ValueError(f"MMPS takes MultivariateNormal site {site['name']!r} only outside "
+                             "plates; use to_event or a single joint site")
+        cov = base.covariance_matrix.detach()
+        cov = cov.expand((n,) + cov.shape[-2:]) if cov.dim() == 2 else cov.reshape(
+            (-1,) + cov.shape[-2:]).expand(n, -1, -1)
+        blocks.append((cov.shape[-1], cov, None))
+        diags.append(cov.diagonal(dim1=-2, dim2=-1))
+
+    def matvec(u):
+        out, start = [], 0
+        for size, cov, var in blocks:
+            part = u[:, start:start + size]
+            out.append(part * var if cov is None else (cov @ part.unsqueeze(-1)).squeeze(-1))
+            start += size
+        return torch.cat(out, dim=-1)
+
+    return matvec, torch.cat(diags, dim=-1)
+
+
 class MMPS(Guidance):
     r"""Moment-matching posterior sampling for Gaussian observations.
 
@@ -190,14 +222,14 @@ class MMPS(Guidance):
             A = _Linearized(loc_fn, x0)
             trace = state["trace"]
             y = _flat_sites(lik, trace, n, GAUSSIAN, lambda s, b: s["value"]).detach()
-            noise_var = _flat_sites(lik, trace, n, GAUSSIAN, lambda s, b: b.scale).detach() ** 2
+            noise_mv, noise_diag = _noise_operator(lik, trace, n)
             s2 = _column(sigma, y).square()
 
             def matvec(u):
-                return noise_var * u + s2 * A.jvp(_vjp(x0, x, A.vjp(u)))
+                return noise_mv(u) + s2 * A.jvp(_vjp(x0, x, A.vjp(u)))
 
             resid = (y - A.value).detach()
-            v = _cg(matvec, resid, resid / (noise_var + s2), self.iterations).detach()
+            v = _cg(matvec, resid, resid / (noise_diag + s2), self.iterations).detach()
             grad = _vjp(x0, x, A.vjp(v))
         return x0.detach(), grad
 
@@ -300,10 +332,13 @@ class EvidenceTrick(Guidance):
                 out.append(binomial_log_evidence(y, total, mu, v))
             elif kind == "Bernoulli":
                 out.append(bernoulli_log_evidence(y, mu, v))
-            else:
+            elif kind == "Normal":
                 scale2 = lik._per_particle(base.scale.expand(shape), site, n, ev).detach() ** 2
                 tot = scale2 + v
                 out.append(-0.5 * ((y - mu) ** 2 / tot + tot.log()))
+            else:  # MultivariateNormal outside plates: N(y; mu, Sigma_y + diag(v))
+                cov = base.covariance_matrix.detach() + torch.diag_embed(v)
+                out.append(torch.distributions.MultivariateNormal(mu, cov).log_prob(y)[:, None])
         return torch.cat(out, dim=-1)
 
 
