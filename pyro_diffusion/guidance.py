@@ -252,6 +252,10 @@ class EvidenceTrick(Guidance):
         Gaussian-prior variance with the data scale :math:`\sigma_d`).
     :param int num_probes: random probes for the ``"tweedie"`` variance of large latents.
     :param int exact_max_dim: largest latent size for which the variance is computed exactly.
+
+    The evidence is taken per observation, so several observations of the same natural
+    parameter (Bernoulli outcomes of one village) are treated as independent given the noisy
+    latent and guide too strongly; aggregate them into Binomial counts.
     """
 
     def __init__(self, variance="tweedie", num_probes=8, exact_max_dim=64):
