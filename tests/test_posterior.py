@@ -278,3 +278,32 @@ def test_mmps_with_correlated_noise_matches_the_gaussian_posterior():
     assert err < 0.08, err
     rel = torch.linalg.norm(torch.cov(x.T) - exact.cov) / torch.linalg.norm(exact.cov)
     assert rel < 0.07, rel
+
+
+def test_mmps_linearises_a_nonlinear_operator():
+    prior, cov = _gp_prior()
+    d = cov.shape[0]
+    gen = torch.Generator().manual_seed(6)
+    f_true = torch.linalg.cholesky(cov) @ torch.randn(d, generator=gen, dtype=F64)
+    noise = 0.3
+    y = torch.exp(0.5 * f_true) + noise * torch.randn(d, generator=gen, dtype=F64)
+
+    def model(prior, y):
+        f = pyro.sample("f", prior)
+        with pyro.plate("obs", len(y)):
+            pyro.sample("y", dist.Normal(torch.exp(0.5 * f), noise), obs=y)
+
+    def log_lik(z):
+        return dist.Normal(torch.exp(0.5 * z), noise).log_prob(y).sum(-1)
+
+    ref_mean, ref_sd, ess = _importance_reference(cov, log_lik)
+    assert ess > 20_000
+    w2 = {}
+    for name, guidance in [("mmps", "auto"), ("dps", DPS(zeta=None))]:
+        x = DiffusionPosterior(model, guidance=guidance, num_samples=4000, batch_size=2000,
+                               seed=0, progress=False).run(prior, y).get_samples()["f"]
+        err = (x.mean(0) - ref_mean) / ref_sd
+        w2[name] = (err.square() + (x.std(0) / ref_sd - 1).square()).sqrt().max().item()
+    # Measured: MMPS (operator linearised at the denoised mean) W2 0.20 posterior sds with sds
+    # 3-8% small; the plain likelihood at D 0.39 with sds 13-26% small.
+    assert w2["mmps"] < 0.25 and w2["dps"] > w2["mmps"] + 0.1, w2
