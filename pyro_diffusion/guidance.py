@@ -112,9 +112,11 @@ class DPS(Guidance):
 
     :param float zeta: step size (default 1). The denoised estimate moves by
         :math:`\zeta \nabla_x \log p(y \mid \hat x) / \lVert y - E[y \mid \hat x] \rVert`,
-        the step of Chung et al. normalised per sample (never per batch). ``None`` weights the
-        likelihood gradient by :math:`\sigma^2` instead, the exact posterior-denoiser form of
-        DPS's approximation, which diverges at high noise for precise observations.
+        the step of Chung et al. normalised per sample (never per batch). The step grows like
+        :math:`1/\sigma_y^2` for Gaussian observations of noise :math:`\sigma_y`: lower
+        ``zeta`` for precise data. ``None`` weights the likelihood gradient by
+        :math:`\sigma^2` instead, the exact posterior-denoiser form of DPS's approximation,
+        which diverges at high noise for precise observations.
 
     Works for any observed site with a differentiable ``log_prob``.
     """
