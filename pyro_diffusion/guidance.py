@@ -65,6 +65,13 @@ class _Linearized:
         return _vjp(self._jt_u, self._u, w)
 
 
+def _probe_trace(lik):
+    """A trace at one zero latent, to read the model's observed sites' families."""
+    zero = torch.zeros((1,) + tuple(lik.event_shape), dtype=lik.prior.dtype,
+                       device=lik.prior.device)
+    return lik.trace(zero)
+
+
 def _sites(lik, trace, kinds):
     out = []
     for name in lik.observed_sites:
@@ -206,8 +213,7 @@ class MMPS(Guidance):
         self.iterations = int(iterations)
 
     def check(self, lik):
-        trace = lik.trace(torch.zeros((1,) + tuple(lik.event_shape), dtype=lik.prior.dtype,
-                                      device=lik.prior.device))
+        trace = _probe_trace(lik)
         _sites(lik, trace, GAUSSIAN)
 
     def guide(self, lik, prior, x, sigma):
@@ -268,8 +274,7 @@ class EvidenceTrick(Guidance):
         self.exact_max_dim = int(exact_max_dim)
 
     def check(self, lik):
-        trace = lik.trace(torch.zeros((1,) + tuple(lik.event_shape), dtype=lik.prior.dtype,
-                                      device=lik.prior.device))
+        trace = _probe_trace(lik)
         _sites(lik, trace, COUNTS + GAUSSIAN)
 
     @staticmethod
@@ -363,8 +368,7 @@ def resolve_guidance(guidance, lik):
     if guidance != "auto":
         raise ValueError(f"guidance must be 'auto', 'dps', 'mmps', 'evidence' or a Guidance, "
                          f"got {guidance!r}")
-    trace = lik.trace(torch.zeros((1,) + tuple(lik.event_shape), dtype=lik.prior.dtype,
-                                  device=lik.prior.device))
+    trace = _probe_trace(lik)
     kinds = {type(_unwrap(trace.nodes[name]["fn"])).__name__ for name in lik.observed_sites}
     if kinds <= set(GAUSSIAN):
         return MMPS()
