@@ -48,3 +48,33 @@ def test_fit_on_cuda_then_load_on_cpu(tmp_path):
     z = torch.randn(10, 2) * 5
     torch.testing.assert_close(cpu.denoise(z, 1.0), prior.denoise(z.cuda(), 1.0).cpu(),
                                atol=1e-4, rtol=1e-4)
+
+
+def test_guided_posterior_on_cuda_float32():
+    import pyro
+    import pyro.distributions as dist
+
+    from pyro_diffusion import DiffusionPosterior, GaussianDenoiser
+
+    d = 5
+    pts = torch.linspace(0, 1, d)
+    cov = torch.exp(-0.5 * (pts[:, None] - pts[None]) ** 2 / 0.3**2) + 1e-3 * torch.eye(d)
+    prior = DiffusionPrior(GaussianDenoiser(torch.zeros(d), cov).to("cuda"), (d,),
+                           num_steps=100)
+    exposure = torch.full((d,), 3.0, device="cuda")
+    y = torch.tensor([2.0, 5.0, 1.0, 0.0, 7.0], device="cuda")
+
+    def model(prior, exposure, y):
+        f = pyro.sample("f", prior)
+        with pyro.plate("areas", d):
+            pyro.sample("y", dist.Poisson(exposure * f.exp()), obs=y)
+
+    post = DiffusionPosterior(model, num_samples=4000, batch_size=2000, seed=0,
+                              progress=False).run(prior, exposure, y)
+    x = post.get_samples()["f"]
+    assert x.device.type == "cuda" and torch.isfinite(x).all()
+    z = torch.distributions.MultivariateNormal(torch.zeros(d), cov).sample((400_000,))
+    w = torch.softmax(dist.Poisson(exposure.cpu() * z.exp()).log_prob(y.cpu()).sum(-1), 0)
+    mean = w @ z
+    sd = (w @ (z - mean) ** 2).sqrt()
+    assert ((x.mean(0).cpu() - mean) / sd).abs().max() < 0.3
