@@ -147,20 +147,26 @@ class DPS(Guidance):
         return x0.detach(), _column(step, x) * grad / _column(sigma, x).square()
 
 
-def _cg(matvec, b, x0, iterations):
-    """Batched conjugate gradients for SPD systems, one system per row of ``b``."""
-    x = x0
-    r = b - matvec(x)
-    p = r
-    rs = (r * r).sum(-1, keepdim=True)
+def _cg(matvec, b, precond, iterations):
+    """Batched Jacobi-preconditioned conjugate gradients from zero, one SPD system per row.
+
+    Starting from zero costs no product; the first iterate is already the preconditioned
+    residual ``alpha * precond * b``.
+    """
+    x = torch.zeros_like(b)
+    r = b
+    z = precond * r
+    p = z
+    rz = (r * z).sum(-1, keepdim=True)
     for _ in range(iterations):
         ap = matvec(p)
-        alpha = rs / (p * ap).sum(-1, keepdim=True).clamp(min=1e-30)
+        alpha = rz / (p * ap).sum(-1, keepdim=True).clamp(min=1e-30)
         x = x + alpha * p
         r = r - alpha * ap
-        rs_new = (r * r).sum(-1, keepdim=True)
-        p = r + (rs_new / rs.clamp(min=1e-30)) * p
-        rs = rs_new
+        z = precond * r
+        rz_new = (r * z).sum(-1, keepdim=True)
+        p = z + (rz_new / rz.clamp(min=1e-30)) * p
+        rz = rz_new
     return x
 
 
@@ -237,7 +243,7 @@ class MMPS(Guidance):
                 return noise_mv(u) + s2 * A.jvp(_vjp(x0, x, A.vjp(u)))
 
             resid = (y - A.value).detach()
-            v = _cg(matvec, resid, resid / (noise_diag + s2), self.iterations).detach()
+            v = _cg(matvec, resid, 1.0 / (noise_diag + s2), self.iterations).detach()
             grad = _vjp(x0, x, A.vjp(v))
         return x0.detach(), grad
 

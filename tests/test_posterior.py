@@ -307,3 +307,15 @@ def test_mmps_linearises_a_nonlinear_operator():
     # Measured: MMPS (operator linearised at the denoised mean) W2 0.20 posterior sds with sds
     # 3-8% small; the plain likelihood at D 0.39 with sds 13-26% small.
     assert w2["mmps"] < 0.25 and w2["dps"] > w2["mmps"] + 0.1, w2
+
+
+def test_preconditioned_cg_solves_each_row_in_m_steps():
+    from pyro_diffusion.guidance import _cg
+
+    gen = torch.Generator().manual_seed(7)
+    M = torch.randn(3, 4, 4, generator=gen, dtype=F64)
+    M = M @ M.transpose(-1, -2) + torch.eye(4, dtype=F64)
+    b = torch.randn(3, 4, generator=gen, dtype=F64)
+    x = _cg(lambda u: (M @ u.unsqueeze(-1)).squeeze(-1), b,
+            1.0 / M.diagonal(dim1=-2, dim2=-1), iterations=4)
+    torch.testing.assert_close(x, torch.linalg.solve(M, b))
