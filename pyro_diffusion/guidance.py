@@ -65,6 +65,19 @@ class _Linearized:
         return _vjp(self._jt_u, self._u, w)
 
 
+def _linearize_sites(lik, x0, read, kinds):
+    """Linearise ``z -> read(observed sites of the model at z)`` (flattened to ``(n, m)``) at
+    the denoised latent ``x0``; returns the :class:`_Linearized` map and the trace at ``x0``."""
+    n, state = x0.shape[0], {}
+
+    def fn(z):
+        state["trace"] = lik.trace(z)
+        return _flat_sites(lik, state["trace"], n, kinds, read)
+
+    lin = _Linearized(fn, x0)
+    return lin, state["trace"]
+
+
 def _probe_trace(lik):
     """A trace at one zero latent, to read the model's observed sites' families."""
     zero = torch.zeros((1,) + tuple(lik.event_shape), dtype=lik.prior.dtype,
@@ -97,11 +110,16 @@ def _flat_sites(lik, trace, n, kinds, read):
 class Guidance:
     """Base class: subclasses implement :meth:`guide` returning ``(x0_hat, grad)``."""
 
+    #: Distribution families of the observed sites this guidance takes (``None``: any).
+    kinds = None
+
     def guide(self, lik, prior, x, sigma):  # pragma: no cover - abstract
         raise NotImplementedError
 
     def check(self, lik):
         """Raise a clear error if this guidance cannot handle the model's observed sites."""
+        if self.kinds is not None:
+            _sites(lik, _probe_trace(lik), self.kinds)
 
     def posterior_denoiser(self, lik, prior):
         """The denoiser :math:`D_y` that a reverse sampler uses in place of ``prior.denoise``."""
@@ -215,26 +233,16 @@ class MMPS(Guidance):
     :param int iterations: conjugate-gradient iterations (1 to 5 suffice in practice).
     """
 
+    kinds = GAUSSIAN
+
     def __init__(self, iterations=5):
         self.iterations = int(iterations)
-
-    def check(self, lik):
-        trace = _probe_trace(lik)
-        _sites(lik, trace, GAUSSIAN)
 
     def guide(self, lik, prior, x, sigma):
         n = x.shape[0]
         with torch.enable_grad():
             x, x0 = _denoise_with_graph(prior, x, sigma)
-            state = {}
-
-            def loc_fn(z):
-                trace = lik.trace(z)
-                state["trace"] = trace
-                return _flat_sites(lik, trace, n, GAUSSIAN, lambda s, b: b.loc)
-
-            A = _Linearized(loc_fn, x0)
-            trace = state["trace"]
+            A, trace = _linearize_sites(lik, x0, lambda s, b: b.loc, self.kinds)
             y = _flat_sites(lik, trace, n, GAUSSIAN, lambda s, b: s["value"]).detach()
             noise_mv, noise_diag = _noise_operator(lik, trace, n)
             s2 = _column(sigma, y).square()
@@ -272,16 +280,14 @@ class EvidenceTrick(Guidance):
     latent and guide too strongly; aggregate them into Binomial counts.
     """
 
+    kinds = COUNTS + GAUSSIAN
+
     def __init__(self, variance="tweedie", num_probes=8, exact_max_dim=64):
         if variance not in ("tweedie", "isotropic"):
             raise ValueError(f"variance must be 'tweedie' or 'isotropic', got {variance!r}")
         self.variance = variance
         self.num_probes = int(num_probes)
         self.exact_max_dim = int(exact_max_dim)
-
-    def check(self, lik):
-        trace = _probe_trace(lik)
-        _sites(lik, trace, COUNTS + GAUSSIAN)
 
     @staticmethod
     def _natural(site, base):
@@ -305,34 +311,28 @@ class EvidenceTrick(Guidance):
         n = x.shape[0]
         with torch.enable_grad():
             x, x0 = _denoise_with_graph(prior, x, sigma)
-            state = {}
-
-            def eta_fn(z):
-                state["trace"] = lik.trace(z)
-                return _flat_sites(lik, state["trace"], n, COUNTS + GAUSSIAN, self._natural)
-
-            eta = _Linearized(eta_fn, x0)
+            eta, trace = _linearize_sites(lik, x0, self._natural, self.kinds)
             s2 = _column(sigma, eta.value).square()
             # v_i = (A V A^T)_ii = E[(A e)_i (A V e)_i] over probes e with E[e e^T] = I.
             var = torch.zeros_like(eta.value)
             probes, weight = self._probes(x0)
+            sd2 = float(getattr(prior.denoiser, "data_std", 1.0)) ** 2
             for e in probes:
                 ae = eta.jvp(e.detach())
                 if self.variance == "tweedie":
                     ave = eta.jvp(_vjp(x0, x, e.detach()))
                     var = var + ae * ave * s2
                 else:
-                    sd2 = float(getattr(prior.denoiser, "data_std", 1.0)) ** 2
                     var = var + ae * ae * s2 * sd2 / (s2 + sd2)
             var = (var * weight).clamp(min=0.0).detach()
-            log_ev = self._log_evidence(lik, state["trace"], n, eta.value, var)
+            log_ev = self._log_evidence(lik, trace, n, eta.value, var)
             grad_eta = _vjp(log_ev.sum(), eta.value, None)
             grad = _vjp(x0, x, eta.vjp(grad_eta))
         return x0.detach(), grad
 
     def _log_evidence(self, lik, trace, n, mean, var):
         out, start = [], 0
-        for site in _sites(lik, trace, COUNTS + GAUSSIAN):
+        for site in _sites(lik, trace, self.kinds):
             base = _unwrap(site["fn"])
             shape = site["fn"].shape()
             ev = len(site["fn"].event_shape)
@@ -376,8 +376,8 @@ def resolve_guidance(guidance, lik):
                          f"got {guidance!r}")
     trace = _probe_trace(lik)
     kinds = {type(_unwrap(trace.nodes[name]["fn"])).__name__ for name in lik.observed_sites}
-    if kinds <= set(GAUSSIAN):
+    if kinds <= set(MMPS.kinds):
         return MMPS()
-    if kinds <= set(COUNTS + GAUSSIAN):
+    if kinds <= set(EvidenceTrick.kinds):
         return EvidenceTrick()
     return DPS()

@@ -97,9 +97,7 @@ class ModelLikelihood:
         for name, site in trace.nodes.items():
             if site["type"] != "sample" or site_is_subsample(site):
                 continue
-            for frame in site["cond_indep_stack"]:
-                if frame.vectorized and frame.dim is not None:
-                    max_dim = max(max_dim, -frame.dim)
+            max_dim = max(max_dim, self._plate_depth(site))
             if site["infer"].get("_diffusion_site"):
                 diffusion.append(name)
             elif site["infer"].get("_deterministic"):
