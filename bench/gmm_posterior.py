@@ -39,11 +39,11 @@ import platform
 import shlex
 import sys
 import time
-import zlib
 
 import pyro
 import pyro.distributions as dist
 import torch
+from _common import derived_seed, fmt_pm, markdown_table
 from torch import nn
 
 import pyro_diffusion
@@ -98,11 +98,6 @@ def parse_args(argv=None):
             or args.num_samples < 2 or args.threads < 1:
         parser.error("dimensions, steps, instances, threads must be positive")
     return args
-
-
-def derived_seed(seed, *key):
-    """A seed depending only on ``seed`` and ``key``, not on run order."""
-    return (seed * 1_000_003 + zlib.crc32(repr(key).encode())) % 2**63
 
 
 def grid_mixture(d, spacing=8.0, seed=0):
@@ -268,21 +263,6 @@ def azula_methods(den, prior, A, y, noise, n, steps, iterations):
         "azula TDS (n particles)": sampler_run(
             lambda: TDSSampler(wrapped, twist, **common)),
     }
-
-
-def fmt_pm(values, digits=3):
-    t = torch.tensor(values, dtype=F64)
-    if not torch.isfinite(t).all():
-        return f"nan ({int((~torch.isfinite(t)).sum())} of {t.numel()})"
-    sd = t.std().item() if t.numel() > 1 else 0.0
-    return f"{t.mean().item():.{digits}f} ± {sd:.{digits}f}"
-
-
-def markdown_table(header, rows):
-    lines = ["| " + " | ".join(header) + " |",
-             "|" + "|".join("---" if i < 3 else "---:" for i in range(len(header))) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def sw(x, ref, seed, p=2):

@@ -43,9 +43,9 @@ import shlex
 import subprocess
 import sys
 import time
-import zlib
 
 import torch
+from _common import derived_seed, fmt_pm, markdown_table
 
 import pyro_diffusion
 from pyro_diffusion import DiffusionPrior, GaussianMixtureDenoiser, sliced_wasserstein
@@ -104,11 +104,6 @@ def parse_args(argv=None):
         parser.error("--dims, --steps, --threads, --repeats, --chunk-size must be positive and "
                      "--num-samples at least 2")
     return args
-
-
-def derived_seed(seed, *key):
-    """A seed for one measurement that depends only on ``seed`` and ``key``, not on run order."""
-    return (seed * 1_000_003 + zlib.crc32(repr(key).encode())) % 2**63
 
 
 def cardoso_mixture(d, seed):
@@ -174,19 +169,6 @@ def load_average():
     return f"{os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "n/a"
 
 
-def fmt_pm(values):
-    t = torch.tensor(values, dtype=torch.float64)
-    sd = t.std().item() if t.numel() > 1 else 0.0
-    return f"{t.mean().item():.4f} ± {sd:.4f}"
-
-
-def markdown_table(header, rows):
-    lines = ["| " + " | ".join(header) + " |",
-             "|" + "|".join("---" if i < 3 else "---:" for i in range(len(header))) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -230,8 +212,8 @@ def main(argv=None):
                                                seed=args.seed))
             tv_floor.append(mode_tv(gm, exact))
         rows.append(["–", d, "exact (noise floor)", "–", "–", "–",
-                     fmt_pm(sw_floor), fmt_pm(tv_floor)])
-        print(f"d={d}: noise floor SW2 {fmt_pm(sw_floor)}, mode TV {fmt_pm(tv_floor)}",
+                     fmt_pm(sw_floor, 4), fmt_pm(tv_floor, 4)])
+        print(f"d={d}: noise floor SW2 {fmt_pm(sw_floor, 4)}, mode TV {fmt_pm(tv_floor, 4)}",
               file=sys.stderr, flush=True)
 
         for device in devices:
