@@ -106,18 +106,6 @@ def parse_args(argv=None):
     return args
 
 
-def cardoso_mixture(d, seed):
-    """The 25-component mixture of Cardoso et al. (2023) in ``d`` dimensions (float32)."""
-    grid = 8.0 * torch.arange(-2, 3, dtype=torch.float32)
-    ii, jj = torch.meshgrid(grid, grid, indexing="ij")
-    base = torch.stack([ii.reshape(-1), jj.reshape(-1)], dim=-1)  # (25, 2)
-    means = base.repeat(1, (d + 1) // 2)[:, :d]
-    gen = torch.Generator().manual_seed(derived_seed(seed, "weights"))
-    weights = torch.rand(25, generator=gen, dtype=torch.float64)
-    weights = (weights / weights.sum()).float()
-    return GaussianMixtureDenoiser(weights, means, torch.ones(25))
-
-
 def mode_tv(gm, x):
     """Total-variation error of the component frequencies of ``x`` (CPU) against the weights."""
     counts = torch.bincount(gm.component_of(x), minlength=gm.weights.numel())
@@ -188,7 +176,8 @@ def main(argv=None):
         + " after one warm-up call",
     ] + [f"device {d}: {device_name(d)}" for d in devices]
     info.append(f"pyro_diffusion {pyro_diffusion.__version__} ({package_revision()})")
-    mixtures = {d: cardoso_mixture(d, args.seed) for d in args.dims}
+    mixtures = {d: GaussianMixtureDenoiser.grid_benchmark(
+        d, seed=derived_seed(args.seed, "weights"), dtype=torch.float32) for d in args.dims}
     settings = {} if args.chunk_size is None else {"chunk_size": args.chunk_size}
     for d, gm in mixtures.items():
         probe = DiffusionPrior(gm, (d,), **settings)

@@ -118,6 +118,39 @@ class GaussianDenoiser(nn.Module):
         post, log_ev = mix.condition(A, y, noise_cov)
         return GaussianDenoiser(post.means[0], post.covs[0], self.event_shape), log_ev
 
+    def ancestral_marginal(self, sigmas, start_std=None):
+        r"""The exact law of the ancestral sampler's output on this prior, as a denoiser.
+
+        With an exact Gaussian denoiser every ancestral step is linear-Gaussian, so the
+        sampler's output is :math:`N(\mu, Q\,\mathrm{diag}(v)\,Q^\top)` in the prior's
+        eigenbasis :math:`Q`: per eigenvalue :math:`\lambda` the variance follows
+        :math:`v' = b^2 v + c^2` with :math:`a = \lambda / (\lambda + \sigma^2)`,
+        :math:`b = a + (\sigma'^2/\sigma^2)(1 - a)` and :math:`c^2 = \sigma'^2 (1 - \sigma'^2 /
+        \sigma^2)`, from :math:`v_0 = \sigma_0^2 + \sigma_d^2` (the start of
+        :meth:`~pyro_diffusion.DiffusionPrior.initial_noise`). Its distance to
+        :math:`N(\mu, \Sigma)` is the discretisation error of the grid, and it is the exact
+        target (prior, posterior and evidence) of a sampler or SMC run on that grid.
+
+        :param torch.Tensor sigmas: the decreasing grid; a final ``0`` is the deterministic
+            last step (:math:`x \mapsto D(x; \sigma)`).
+        :param float start_std: standard deviation of the start around the mean (default
+            :math:`\sqrt{\sigma_0^2 + \sigma_d^2}`).
+        """
+        sig = torch.as_tensor(sigmas, dtype=torch.float64).cpu()
+        lam = self.evals.double().cpu()
+        if start_std is None:
+            start_std = math.sqrt(float(sig[0]) ** 2 + float(self.data_std) ** 2)
+        var = torch.full_like(lam, float(start_std) ** 2)
+        for s, s_next in zip(sig[:-1].tolist(), sig[1:].tolist(), strict=True):
+            a = lam / (lam + s * s)
+            r2 = (s_next / s) ** 2
+            b = a + r2 * (1.0 - a)
+            var = b * b * var + s_next ** 2 * (1.0 - r2)
+        evecs = self.evecs.double().cpu()
+        cov = (evecs * var) @ evecs.T
+        return GaussianDenoiser(self.mean.reshape(self.event_shape),
+                                cov.to(self.cov.dtype).to(self.cov.device), self.event_shape)
+
     def sample_data(self, num_samples):
         """Exact draws from :math:`N(\\mu, \\Sigma)`, of shape ``(num_samples, *event_shape)``."""
         eps = torch.randn(num_samples, self.mean.numel(), dtype=self.mean.dtype,
@@ -175,6 +208,26 @@ class GaussianMixtureDenoiser(nn.Module):
         self.register_buffer("covs", covs)
         self.register_buffer("evals", evals)
         self.register_buffer("evecs", evecs)
+
+    @classmethod
+    def grid_benchmark(cls, dim, seed=0, spacing=8.0, dtype=torch.float64):
+        """The 25-component benchmark mixture of Cardoso et al. (2023) in ``dim`` dimensions.
+
+        Unit covariances, means ``(s i, s j, s i, s j, ...)`` for ``i, j`` in ``-2..2`` (spacing
+        ``s``, truncated to ``dim`` coordinates) and seeded random weights ``U(0.5, 1.5)``
+        (normalised). The tests and ``bench/`` scripts all use this one definition.
+
+        :param int dim: number of coordinates (at least 1).
+        :param int seed: seed of the weights.
+        """
+        if int(dim) < 1:
+            raise ValueError(f"dim must be positive, got {dim}")
+        gen = torch.Generator().manual_seed(int(seed))
+        ticks = spacing * torch.arange(-2, 3, dtype=dtype)
+        base = torch.cartesian_prod(ticks, ticks)  # (25, 2)
+        means = base.repeat(1, (int(dim) + 1) // 2)[:, :int(dim)]
+        weights = torch.rand(25, generator=gen, dtype=torch.float64).to(dtype) + 0.5
+        return cls(weights, means, torch.ones(25, dtype=dtype))
 
     @property
     def weights(self):

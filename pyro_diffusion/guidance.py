@@ -22,6 +22,8 @@ References:
   Family* (the evidence trick).
 """
 
+import math
+
 import torch
 
 from .evidence import bernoulli_log_evidence, binomial_log_evidence, poisson_log_evidence
@@ -103,17 +105,22 @@ def _flat_sites(lik, trace, n, kinds, read):
     for site in _sites(lik, trace, kinds):
         base = _unwrap(site["fn"])
         value = read(site, base).expand(site["fn"].shape())
-        parts.append(lik._per_particle(value, site, n, len(site["fn"].event_shape)))
+        parts.append(lik.per_particle(value, site, n, len(site["fn"].event_shape)))
     return torch.cat(parts, dim=-1)
 
 
 class Guidance:
-    """Base class: subclasses implement :meth:`guide` returning ``(x0_hat, grad)``."""
+    """Base class: subclasses implement :meth:`evaluate`."""
 
     #: Distribution families of the observed sites this guidance takes (``None``: any).
     kinds = None
 
-    def guide(self, lik, prior, x, sigma):  # pragma: no cover - abstract
+    def evaluate(self, lik, prior, x, sigma, value=False):  # pragma: no cover - abstract
+        r"""Guidance at the noisy batch ``x`` ``(n, *event_shape)`` and noise levels ``sigma``
+        ``(n,)``: returns ``(x0_hat, grad, log_p)`` with :math:`\hat x_0 = D(x; \sigma)`, the
+        guidance gradient :math:`\nabla_x \log \tilde p(y \mid x)` and, when ``value`` is
+        true, :math:`\log \tilde p(y \mid x)` per particle ``(n,)`` (else ``None``), the value
+        that :class:`~pyro_diffusion.DiffusionSMC` uses as its twist."""
         raise NotImplementedError
 
     def check(self, lik):
@@ -126,7 +133,7 @@ class Guidance:
         self.check(lik)
 
         def denoise(x, sigma):
-            x0, grad = self.guide(lik, prior, x, sigma)
+            x0, grad, _ = self.evaluate(lik, prior, x, sigma)
             return (x0 + _column(sigma, x).square() * grad).detach()
 
         return denoise
@@ -149,20 +156,21 @@ class DPS(Guidance):
     def __init__(self, zeta=1.0):
         self.zeta = None if zeta is None else float(zeta)
 
-    def guide(self, lik, prior, x, sigma):
+    def evaluate(self, lik, prior, x, sigma, value=False):
         with torch.enable_grad():
             x, x0 = _denoise_with_graph(prior, x, sigma)
             trace = lik.trace(x0)
             n = x.shape[0]
             ll = sum(lik.site_log_prob(trace.nodes[name], n) for name in lik.observed_sites)
             grad = _vjp(ll.sum(), x, None)
+            log_p = ll.detach() if value else None
             if self.zeta is None:
-                return x0.detach(), grad
+                return x0.detach(), grad, log_p
             resid = _flat_sites(lik, trace, n, None,
                                 lambda s, b: s["value"] - s["fn"].mean).detach()
             norm = resid.norm(dim=-1).clamp(min=1e-12)
         step = self.zeta / norm
-        return x0.detach(), _column(step, x) * grad / _column(sigma, x).square()
+        return x0.detach(), _column(step, x) * grad / _column(sigma, x).square(), log_p
 
 
 def _cg(matvec, b, precond, iterations):
@@ -196,11 +204,11 @@ def _noise_operator(lik, trace, n):
         base = _unwrap(site["fn"])
         if type(base).__name__ == "Normal":
             var = base.scale.detach().expand(site["fn"].shape()) ** 2
-            var = lik._per_particle(var, site, n, len(site["fn"].event_shape))
+            var = lik.per_particle(var, site, n, len(site["fn"].event_shape))
             blocks.append((var.shape[-1], None, var))
             diags.append(var)
             continue
-        if lik._plate_depth(site):
+        if lik.plate_depth(site):
             raise ValueError(f"MMPS takes MultivariateNormal site {site['name']!r} only outside "
                              "plates; use to_event or a single joint site")
         cov = base.covariance_matrix.detach()
@@ -226,19 +234,31 @@ class MMPS(Guidance):
     For :math:`y = A(x_0) + N(0, \Sigma_y)` it uses
     :math:`\tilde p = N(y;\ A(\hat x),\ \Sigma_y + \sigma^2 A J A^\top)` with Tweedie's
     covariance :math:`V = \sigma^2 J`, :math:`J = \partial D / \partial x`, and the gradient
-    :math:`J^\top A^\top v` with :math:`v = (\Sigma_y + \sigma^2 A J A^\top)^{-1}(y - A\hat x)`
-    solved by conjugate gradients from Jacobian-vector products only. A non-linear ``A`` (the
-    site's ``loc`` as a function of the latent) is linearised at :math:`\hat x`.
+    :math:`J^\top A^\top v` with :math:`v = (\Sigma_y + \sigma^2 A J A^\top)^{-1}(y - A\hat x)`,
+    from Jacobian-vector products only. A non-linear ``A`` (the site's ``loc`` as a function
+    of the latent) is linearised at :math:`\hat x`.
 
     :param int iterations: conjugate-gradient iterations (1 to 5 suffice in practice).
+    :param str solver: how :math:`v` is found: ``"cg"`` (Jacobi-preconditioned conjugate
+        gradients, ``iterations`` products), ``"direct"`` (the :math:`m \times m` matrix built
+        column by column from :math:`m` products, symmetrised and Cholesky-factored: exact,
+        and cheaper than CG when there are at most ``iterations`` observations), or
+        ``"auto"`` (default: ``"direct"`` when :math:`m \le` ``iterations``, else ``"cg"``).
+        The twist value (``evaluate(..., value=True)``) needs the log-determinant, so it is
+        always computed the direct way.
     """
 
     kinds = GAUSSIAN
 
-    def __init__(self, iterations=5):
+    def __init__(self, iterations=5, solver="auto"):
+        if solver not in ("auto", "cg", "direct"):
+            raise ValueError(f"solver must be 'auto', 'cg' or 'direct', got {solver!r}")
         self.iterations = int(iterations)
+        if self.iterations < 1:
+            raise ValueError(f"iterations must be positive, got {iterations}")
+        self.solver = solver
 
-    def guide(self, lik, prior, x, sigma):
+    def evaluate(self, lik, prior, x, sigma, value=False):
         n = x.shape[0]
         with torch.enable_grad():
             x, x0 = _denoise_with_graph(prior, x, sigma)
@@ -251,9 +271,40 @@ class MMPS(Guidance):
                 return noise_mv(u) + s2 * A.jvp(_vjp(x0, x, A.vjp(u)))
 
             resid = (y - A.value).detach()
-            v = _cg(matvec, resid, 1.0 / (noise_diag + s2), self.iterations).detach()
-            grad = _vjp(x0, x, A.vjp(v))
-        return x0.detach(), grad
+            m = resid.shape[-1]
+            direct = value or self.solver == "direct" or (
+                self.solver == "auto" and m <= self.iterations)
+            log_p = None
+            if direct:
+                v, log_p = _direct_solve(matvec, resid)
+            else:
+                v = _cg(matvec, resid, 1.0 / (noise_diag + s2), self.iterations)
+            grad = _vjp(x0, x, A.vjp(v.detach()))
+        return x0.detach(), grad, (log_p if value else None)
+
+
+def _direct_solve(matvec, r):
+    r"""Solve ``M v = r`` for an SPD ``M`` given by products, one ``(m, m)`` system per row:
+    builds ``M`` from ``m`` products, symmetrises it, and returns ``v`` and
+    :math:`\log N(r; 0, M)` (Cholesky with growing jitter if round-off breaks definiteness)."""
+    n, m = r.shape
+    eye = torch.eye(m, dtype=r.dtype, device=r.device)
+    cols = [matvec(eye[j].expand(n, m)).detach() for j in range(m)]
+    M = torch.stack(cols, dim=-1)
+    M = 0.5 * (M + M.transpose(-1, -2))
+    scale = M.diagonal(dim1=-2, dim2=-1).abs().mean(-1).clamp(min=1e-30)[:, None, None]
+    jitter = 0.0
+    for _ in range(8):
+        L, info = torch.linalg.cholesky_ex(M + jitter * scale * eye)
+        if not bool(info.any()):
+            break
+        jitter = 1e-10 if jitter == 0.0 else 10.0 * jitter
+    else:
+        raise FloatingPointError("the moment-matched covariance is not positive definite")
+    v = torch.cholesky_solve(r.unsqueeze(-1), L).squeeze(-1)
+    logdet = 2.0 * L.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+    log_p = -0.5 * ((r * v).sum(-1) + logdet + m * math.log(2.0 * math.pi))
+    return v, log_p
 
 
 class EvidenceTrick(Guidance):
@@ -307,7 +358,7 @@ class EvidenceTrick(Guidance):
             return [eye[i].expand(x.shape[0], d).reshape(x.shape) for i in range(d)], 1.0
         return [torch.randn_like(x) for _ in range(self.num_probes)], 1.0 / self.num_probes
 
-    def guide(self, lik, prior, x, sigma):
+    def evaluate(self, lik, prior, x, sigma, value=False):
         n = x.shape[0]
         with torch.enable_grad():
             x, x0 = _denoise_with_graph(prior, x, sigma)
@@ -328,7 +379,7 @@ class EvidenceTrick(Guidance):
             log_ev = self._log_evidence(lik, trace, n, eta.value, var)
             grad_eta = _vjp(log_ev.sum(), eta.value, None)
             grad = _vjp(x0, x, eta.vjp(grad_eta))
-        return x0.detach(), grad
+        return x0.detach(), grad, (log_ev.detach().sum(-1) if value else None)
 
     def _log_evidence(self, lik, trace, n, mean, var):
         out, start = [], 0
@@ -336,7 +387,7 @@ class EvidenceTrick(Guidance):
             base = _unwrap(site["fn"])
             shape = site["fn"].shape()
             ev = len(site["fn"].event_shape)
-            y = lik._per_particle(site["value"].expand(shape), site, n, ev)
+            y = lik.per_particle(site["value"].expand(shape), site, n, ev)
             m = y.shape[-1]
             mu, v = mean[:, start:start + m], var[:, start:start + m]
             start += m
@@ -345,18 +396,30 @@ class EvidenceTrick(Guidance):
                 out.append(poisson_log_evidence(y, mu, v))
             elif kind == "Binomial":
                 total = torch.as_tensor(base.total_count, dtype=y.dtype, device=y.device)
-                total = lik._per_particle(total.expand(shape), site, n, ev)
+                total = lik.per_particle(total.expand(shape), site, n, ev)
                 out.append(binomial_log_evidence(y, total, mu, v))
             elif kind == "Bernoulli":
                 out.append(bernoulli_log_evidence(y, mu, v))
             elif kind == "Normal":
-                scale2 = lik._per_particle(base.scale.expand(shape), site, n, ev).detach() ** 2
+                scale2 = lik.per_particle(base.scale.expand(shape), site, n, ev).detach() ** 2
                 tot = scale2 + v
-                out.append(-0.5 * ((y - mu) ** 2 / tot + tot.log()))
+                out.append(-0.5 * ((y - mu) ** 2 / tot + (2.0 * math.pi * tot).log()))
             else:  # MultivariateNormal outside plates: N(y; mu, Sigma_y + diag(v))
                 cov = base.covariance_matrix.detach() + torch.diag_embed(v)
                 out.append(torch.distributions.MultivariateNormal(mu, cov).log_prob(y)[:, None])
         return torch.cat(out, dim=-1)
+
+
+def observation_kinds(lik):
+    """The set of distribution families (class names) of the model's observed sites."""
+    trace = _probe_trace(lik)
+    return {type(_unwrap(trace.nodes[name]["fn"])).__name__ for name in lik.observed_sites}
+
+
+def observation_size(lik):
+    """The number of scalar observations over all observed sites."""
+    trace = _probe_trace(lik)
+    return int(_flat_sites(lik, trace, 1, None, lambda s, b: s["value"]).shape[-1])
 
 
 def resolve_guidance(guidance, lik):
@@ -374,8 +437,7 @@ def resolve_guidance(guidance, lik):
     if guidance != "auto":
         raise ValueError(f"guidance must be 'auto', 'dps', 'mmps', 'evidence' or a Guidance, "
                          f"got {guidance!r}")
-    trace = _probe_trace(lik)
-    kinds = {type(_unwrap(trace.nodes[name]["fn"])).__name__ for name in lik.observed_sites}
+    kinds = observation_kinds(lik)
     if kinds <= set(MMPS.kinds):
         return MMPS()
     if kinds <= set(EvidenceTrick.kinds):

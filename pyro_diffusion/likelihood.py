@@ -97,7 +97,7 @@ class ModelLikelihood:
         for name, site in trace.nodes.items():
             if site["type"] != "sample" or site_is_subsample(site):
                 continue
-            max_dim = max(max_dim, self._plate_depth(site))
+            max_dim = max(max_dim, self.plate_depth(site))
             if site["infer"].get("_diffusion_site"):
                 diffusion.append(name)
             elif site["infer"].get("_deterministic"):
@@ -155,14 +155,15 @@ class ModelLikelihood:
             *self.args, **self.kwargs)
 
     @staticmethod
-    def _plate_depth(site):
+    def plate_depth(site):
+        """How many plate dims (counted from the right) a trace site uses."""
         dims = [-f.dim for f in site["cond_indep_stack"] if f.vectorized and f.dim is not None]
         return max(dims, default=0)
 
-    def _per_particle(self, value, site, n, event_dim=0):
+    def per_particle(self, value, site, n, event_dim=0):
         """Split a site quantity of shape ``(n, *plates, *event)`` into ``(n, -1)``; a value
         without the particle dim (a site that does not depend on the latent) is repeated."""
-        depth = self._plate_depth(site) + event_dim
+        depth = self.plate_depth(site) + event_dim
         if value.dim() > depth + 1:
             raise ValueError(f"site {site['name']!r} has shape {tuple(value.shape)}: more dims "
                              f"than its plate and event dims and one particle dim; the model "
@@ -179,7 +180,7 @@ class ModelLikelihood:
             lp = lp.masked_fill(~mask, 0.0)
         elif mask is False:
             lp = torch.zeros_like(lp)
-        return self._per_particle(lp * site.get("scale", 1.0), site, n).sum(-1)
+        return self.per_particle(lp * site.get("scale", 1.0), site, n).sum(-1)
 
     def log_likelihood(self, x):
         """Per-particle :math:`\\log p(y \\mid x)` summed over observed sites, shape ``(n,)``."""

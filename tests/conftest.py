@@ -18,13 +18,8 @@ def random_cov(d, low=0.2, high=3.0, seed=0, dtype=torch.float64):
     return (q * evals) @ q.T
 
 
-def grid_mixture(d=2, spacing=8.0, seed=0, dtype=torch.float64):
-    """25 unit-covariance components on a 5x5 grid (Cardoso et al. 2023), tiled to d."""
+def grid_mixture(d=2, seed=0, dtype=torch.float64):
+    """The 25-component benchmark mixture of Cardoso et al. (2023), tiled to d."""
     from pyro_diffusion import GaussianMixtureDenoiser
 
-    gen = torch.Generator().manual_seed(seed)
-    ticks = spacing * torch.arange(-2, 3, dtype=dtype)
-    base = torch.cartesian_prod(ticks, ticks)  # (25, 2)
-    means = base.repeat(1, (d + 1) // 2)[:, :d]
-    weights = torch.rand(25, generator=gen, dtype=dtype) + 0.5
-    return GaussianMixtureDenoiser(weights, means, torch.ones(25, dtype=dtype))
+    return GaussianMixtureDenoiser.grid_benchmark(d, seed=seed, dtype=dtype)
