@@ -19,7 +19,8 @@ For every ``d_x``, ``d_y``, method and step count the script reports, over the i
   between the samples and as many exact posterior draws, mean ± sd over instances;
 - one "exact (noise floor)" row per ``(d_x, d_y)``: SW2 between two independent exact sets.
 
-Methods: this package's MMPS (conjugate gradients) and DPS (several ``zeta``); with ``--azula``
+Methods: this package's MMPS (conjugate gradients, and the direct solve), DPS (several
+``zeta``) and ``DiffusionSMC`` (as many particles as samples, MMPS twist); with ``--azula``
 also azula's MMPS (GMRES and CG), DPS and TDS on the same exact denoiser, wrapped as an azula
 ``Denoiser`` with ``alpha = 1`` and the same EDM noise grid (azula's samplers stop at
 ``sigma_min`` rather than 0).
@@ -52,6 +53,7 @@ from pyro_diffusion import (
     MMPS,
     DiffusionPosterior,
     DiffusionPrior,
+    DiffusionSMC,
     GaussianMixtureDenoiser,
     sliced_wasserstein,
 )
@@ -98,16 +100,6 @@ def parse_args(argv=None):
             or args.num_samples < 2 or args.threads < 1:
         parser.error("dimensions, steps, instances, threads must be positive")
     return args
-
-
-def grid_mixture(d, spacing=8.0, seed=0):
-    """25 unit-covariance components on a 5x5 grid (Cardoso et al. 2023), tiled to d."""
-    gen = torch.Generator().manual_seed(seed)
-    ticks = spacing * torch.arange(-2, 3, dtype=F64)
-    base = torch.cartesian_prod(ticks, ticks)  # (25, 2)
-    means = base.repeat(1, (d + 1) // 2)[:, :d]
-    weights = torch.rand(25, generator=gen, dtype=F64) + 0.5
-    return GaussianMixtureDenoiser(weights, means, torch.ones(25, dtype=F64))
 
 
 def gmm_instance(seed, d, m):
@@ -168,6 +160,18 @@ def run_ours(den, prior, A, y, noise, guidance, n, steps, seed):
     post = DiffusionPosterior(model, guidance=guidance, num_samples=n, batch_size=n,
                               num_steps=steps, seed=seed, progress=False).run(prior, y)
     return post.get_samples()["f"], post.wall_time
+
+
+def run_smc(den, prior, A, y, noise, n, steps, seed):
+    """``DiffusionSMC`` with ``n`` particles (as azula's TDS), ``n`` resampled draws."""
+    def model(prior, y):
+        f = pyro.sample("f", prior)
+        pyro.sample("y", dist.Normal(f @ A.T, noise).to_event(1), obs=y)
+
+    den.reset()
+    smc = DiffusionSMC(model, num_particles=n, num_steps=steps, seed=seed,
+                       progress=False).run(prior, y)
+    return smc.get_samples(n)["f"], smc.wall_time
 
 
 def azula_methods(den, prior, A, y, noise, n, steps, iterations):
@@ -330,7 +334,7 @@ def main(argv=None):
               "SW2 (mean ± sd)"]
     rows = []
     for d in args.dims:
-        gm = grid_mixture(d, seed=0)
+        gm = GaussianMixtureDenoiser.grid_benchmark(d, seed=0)
         den = CountingDenoiser(gm)
         n = args.large_dim_samples if (args.large_dim_samples and d >= 400) else args.num_samples
         for m in args.obs_dims:
@@ -349,7 +353,9 @@ def main(argv=None):
             print("  ".join(map(str, rows[-1])), file=sys.stderr, flush=True)
             for steps in args.steps:
                 prior = DiffusionPrior(den, (d,), num_steps=steps)
-                methods = [(f"MMPS (CG {args.mmps_iterations})", MMPS(args.mmps_iterations))]
+                methods = [(f"MMPS (CG {args.mmps_iterations})",
+                            MMPS(args.mmps_iterations, solver="cg")),
+                           ("MMPS (direct)", MMPS(solver="direct"))]
                 methods += [(f"DPS (zeta={z:g})", DPS(z)) for z in args.zetas]
                 results = {label: [] for label, _ in methods}
                 for label, guidance in methods:
@@ -359,6 +365,12 @@ def main(argv=None):
                                            seed)
                         results[label].append((sw(x, ref, args.seed), wall,
                                                den.counts["fwd"] / n, den.counts["vjp"] / n))
+                for i, (A, y, ref, _) in enumerate(instances):
+                    seed = derived_seed(args.seed, "smc", d, m, i, steps)
+                    x, wall = run_smc(den, prior, A, y, args.noise, n, steps, seed)
+                    results.setdefault("SMC (n particles, MMPS twist)", []).append(
+                        (sw(x, ref, args.seed), wall, den.counts["fwd"] / n,
+                         den.counts["vjp"] / n))
                 if args.azula:
                     for i, (A, y, ref, _) in enumerate(instances):
                         fns = azula_methods(den, prior, A, y, args.noise, n, steps,
@@ -378,7 +390,7 @@ def main(argv=None):
                                  f"{sum(walls) / len(walls):.2f}", fmt_pm(sws)])
                     print("  ".join(map(str, rows[-1])), file=sys.stderr, flush=True)
 
-    gm8 = grid_mixture(8, seed=0)
+    gm8 = GaussianMixtureDenoiser.grid_benchmark(8, seed=0)
     floor_rows = floor_study(gm8, 8, 2, args.noise, args.seed, args.instances)
     total = time.perf_counter() - start
     table = markdown_table(header, rows)

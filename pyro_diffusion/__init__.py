@@ -11,12 +11,14 @@ from .preconditioning import EDMDenoiser
 from .prior import DiffusionPrior
 from .samplers import reverse_sample
 from .serialization import register_denoiser
+from .smc import DiffusionSMC
 
 __all__ = [
     "DPS",
     "MMPS",
     "DiffusionPosterior",
     "DiffusionPrior",
+    "DiffusionSMC",
     "EDMDenoiser",
     "EvidenceTrick",
     "GaussianDenoiser",

@@ -78,3 +78,34 @@ def test_guided_posterior_on_cuda_float32():
     mean = w @ z
     sd = (w @ (z - mean) ** 2).sqrt()
     assert ((x.mean(0).cpu() - mean) / sd).abs().max() < 0.3
+
+
+def test_smc_on_cuda_float32():
+    import pyro
+    import pyro.distributions as dist
+
+    from pyro_diffusion import DiffusionSMC, GaussianDenoiser, noise_grid
+
+    d = 4
+    gen = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=gen))
+    cov = (q * torch.linspace(0.3, 2.0, d)) @ q.T
+    g = GaussianDenoiser(torch.zeros(d), cov)
+    prior = DiffusionPrior(g.to("cuda"), (d,), num_steps=64)
+    A = torch.randn(2, d, generator=gen)
+    y = torch.tensor([0.7, -1.2])
+
+    def model(prior, A, y):
+        f = pyro.sample("f", prior)
+        pyro.sample("y", dist.Normal(f @ A.T, 0.3).to_event(1), obs=y)
+
+    smc = DiffusionSMC(model, num_particles=4096, seed=0, progress=False).run(
+        prior, A.cuda(), y.cuda())
+    x = smc.get_samples()["f"]
+    assert x.device.type == "cuda" and torch.isfinite(x).all()
+    g64 = GaussianDenoiser(torch.zeros(d, dtype=torch.float64), cov.double())
+    sigmas = noise_grid(64, prior.sigma_min, prior.sigma_max, prior.rho,
+                        dtype=torch.float64)[:-1]
+    post, log_z = g64.ancestral_marginal(sigmas).condition(A.double(), y.double(), 0.09)
+    assert abs(smc.log_evidence - float(log_z)) < 0.1
+    assert ((x.double().mean(0).cpu() - post.mean) / post.cov.diagonal().sqrt()).abs().max() < 0.2
