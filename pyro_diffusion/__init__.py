@@ -1,6 +1,7 @@
 """pyro-diffusion: learned diffusion models as priors in Pyro models."""
 
 from ._version import __version__
+from .em import fit_prior
 from .exact import GaussianDenoiser, GaussianMixtureDenoiser
 from .guidance import DPS, MMPS, EvidenceTrick, Guidance
 from .metrics import sliced_wasserstein
@@ -28,6 +29,7 @@ __all__ = [
     "UNet",
     "__version__",
     "default_network",
+    "fit_prior",
     "noise_grid",
     "register_denoiser",
     "reverse_sample",

@@ -267,8 +267,11 @@ class MMPS(Guidance):
             noise_mv, noise_diag = _noise_operator(lik, trace, n)
             s2 = _column(sigma, y).square()
 
+            def tweedie_mv(u):
+                return s2 * A.jvp(_vjp(x0, x, A.vjp(u)))
+
             def matvec(u):
-                return noise_mv(u) + s2 * A.jvp(_vjp(x0, x, A.vjp(u)))
+                return noise_mv(u) + tweedie_mv(u)
 
             resid = (y - A.value).detach()
             m = resid.shape[-1]
@@ -276,31 +279,29 @@ class MMPS(Guidance):
                 self.solver == "auto" and m <= self.iterations)
             log_p = None
             if direct:
-                v, log_p = _direct_solve(matvec, resid)
+                v, log_p = _direct_solve(noise_mv, tweedie_mv, resid)
             else:
                 v = _cg(matvec, resid, 1.0 / (noise_diag + s2), self.iterations)
             grad = _vjp(x0, x, A.vjp(v.detach()))
         return x0.detach(), grad, (log_p if value else None)
 
 
-def _direct_solve(matvec, r):
-    r"""Solve ``M v = r`` for an SPD ``M`` given by products, one ``(m, m)`` system per row:
-    builds ``M`` from ``m`` products, symmetrises it, and returns ``v`` and
-    :math:`\log N(r; 0, M)` (Cholesky with growing jitter if round-off breaks definiteness)."""
+def _direct_solve(noise_mv, tweedie_mv, r):
+    r"""Solve :math:`(\Sigma_y + P) v = r` one ``(m, m)`` system per row, with the noise
+    :math:`\Sigma_y` and the Tweedie part :math:`P = \sigma^2 A J A^\top` given by products.
+
+    Both are built from ``m`` products each. A learned denoiser's Jacobian is neither exactly
+    symmetric nor positive semi-definite, so :math:`P` is symmetrised and its negative
+    eigenvalues are clipped to zero (the exact one is PSD); the sum then stays positive
+    definite. Returns ``v`` and :math:`\log N(r; 0, \Sigma_y + P)`.
+    """
     n, m = r.shape
     eye = torch.eye(m, dtype=r.dtype, device=r.device)
-    cols = [matvec(eye[j].expand(n, m)).detach() for j in range(m)]
-    M = torch.stack(cols, dim=-1)
-    M = 0.5 * (M + M.transpose(-1, -2))
-    scale = M.diagonal(dim1=-2, dim2=-1).abs().mean(-1).clamp(min=1e-30)[:, None, None]
-    jitter = 0.0
-    for _ in range(8):
-        L, info = torch.linalg.cholesky_ex(M + jitter * scale * eye)
-        if not bool(info.any()):
-            break
-        jitter = 1e-10 if jitter == 0.0 else 10.0 * jitter
-    else:
-        raise FloatingPointError("the moment-matched covariance is not positive definite")
+    noise = torch.stack([noise_mv(eye[j].expand(n, m)).detach() for j in range(m)], dim=-1)
+    tweedie = torch.stack([tweedie_mv(eye[j].expand(n, m)).detach() for j in range(m)], dim=-1)
+    evals, evecs = torch.linalg.eigh(0.5 * (tweedie + tweedie.transpose(-1, -2)))
+    M = noise + (evecs * evals.clamp(min=0.0).unsqueeze(-2)) @ evecs.transpose(-1, -2)
+    L = torch.linalg.cholesky(0.5 * (M + M.transpose(-1, -2)))
     v = torch.cholesky_solve(r.unsqueeze(-1), L).squeeze(-1)
     logdet = 2.0 * L.diagonal(dim1=-2, dim2=-1).log().sum(-1)
     log_p = -0.5 * ((r * v).sum(-1) + logdet + m * math.log(2.0 * math.pi))
