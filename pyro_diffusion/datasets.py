@@ -924,6 +924,8 @@ class SIDSData:
     :ivar torch.Tensor centroids: polygon centroids, float64 ``(100, 2)``: longitude and
         latitude in degrees (the shapefile is unprojected; centroids computed in that plane).
     :ivar str contiguity: ``"queen"`` (shared boundary point) or ``"rook"`` (shared edge).
+    :ivar tuple outlines: for each county, its boundary as a tuple of float64 ``(k, 2)``
+        vertex arrays (longitude, latitude), one per polygon part, for maps.
     """
 
     names: tuple
@@ -936,6 +938,7 @@ class SIDSData:
     neighbors: tuple
     centroids: torch.Tensor
     contiguity: str
+    outlines: tuple = ()
 
     @property
     def num_regions(self):
@@ -983,7 +986,10 @@ def load_nc_sids(contiguity="queen"):
         w = weights_cls.from_shapefile(str(shp))
         reader = libpysal.io.open(str(shp))
         try:
-            centroids = [tuple(poly.centroid) for poly in reader]
+            polygons = list(reader)
+            centroids = [tuple(poly.centroid) for poly in polygons]
+            outlines = tuple(tuple(torch.tensor(part, dtype=torch.float64) for part in poly.parts)
+                             for poly in polygons)
         finally:
             reader.close()
     if w.n != n or list(w.id_order) != list(range(n)) or len(centroids) != n:
@@ -998,7 +1004,7 @@ def load_nc_sids(contiguity="queen"):
                     expected=expected, adjacency=adjacency,
                     neighbors=_neighbour_lists(adjacency),
                     centroids=torch.tensor(centroids, dtype=torch.float64),
-                    contiguity=contiguity)
+                    contiguity=contiguity, outlines=outlines)
 
 
 #: The columns of ``Tokyomortality.txt``, as documented in its ``Readme_tokyomortality.txt``.
