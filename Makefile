@@ -27,7 +27,7 @@ test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
 lint: install
-	$(PY) -m ruff check pyro_diffusion tests bench
+	$(PY) -m ruff check pyro_diffusion tests bench scripts
 
 bench: install
 	$(PY) -m pip install -q -e ".[bench]"

@@ -264,6 +264,12 @@ class DiffusionSMC:
     :param int seed: seed for the run (the global RNG is restored afterwards).
     :param bool progress: show a progress bar over steps.
 
+    The particles target the posterior under the prior of the discretised chain (the unguided
+    ancestral sampler on ``num_steps`` noise levels, down to :math:`\sigma_{\min}`), so as
+    particles grow the estimates converge to that chain's posterior and evidence; their
+    distance to the continuous model's shrinks with ``num_steps`` (about 0.07 nats at 64 steps
+    on a Gaussian test problem).
+
     After :meth:`run`: :attr:`log_evidence` (estimate of :math:`\log p(y)`, unbiased on the
     exponential scale), :attr:`ess_history` (ESS after each step's reweighting, before any
     resampling), :attr:`resampled` (whether each step resampled), :attr:`wall_time`.
