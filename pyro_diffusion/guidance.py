@@ -367,6 +367,7 @@ class EvidenceTrick(Guidance):
             s2 = _column(sigma, eta.value).square()
             # v_i = (A V A^T)_ii = E[(A e)_i (A V e)_i] over probes e with E[e e^T] = I.
             var = torch.zeros_like(eta.value)
+            floor = torch.zeros_like(eta.value)
             probes, weight = self._probes(x0)
             sd2 = float(getattr(prior.denoiser, "data_std", 1.0)) ** 2
             for e in probes:
@@ -374,8 +375,16 @@ class EvidenceTrick(Guidance):
                 if self.variance == "tweedie":
                     ave = eta.jvp(_vjp(x0, x, e.detach()))
                     var = var + ae * ave * s2
+                    floor = floor + ave * ave * s2
                 else:
                     var = var + ae * ae * s2 * sd2 / (s2 + sd2)
+            # Random probes estimate each v_i with a relative error that can reach 100 % when
+            # the Tweedie covariance is dense (smooth fields at high noise); a v_i near zero
+            # makes that observation's evidence as sharp as the raw likelihood and the guided
+            # step explodes. s^2 (A J J^T A^T)_ii, from the same products, is a lower bound of
+            # s^2 (A J A^T)_ii whenever J's eigenvalues lie in [0, 1] (exact for Gaussian data)
+            # and its estimate is a sum of squares, never near zero by chance: floor with it.
+            var = torch.maximum(var, floor) if self.variance == "tweedie" else var
             var = (var * weight).clamp(min=0.0).detach()
             log_ev = self._log_evidence(lik, trace, n, eta.value, var)
             grad_eta = _vjp(log_ev.sum(), eta.value, None)

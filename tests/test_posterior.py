@@ -421,3 +421,28 @@ def test_guided_heun_keeps_the_posterior_variance():
     x = x.get_samples()["f"]
     assert (x.var(0) / post.cov.diagonal() - 1).abs().max() < 0.05
     assert ((x.mean(0) - post.mean) / post.cov.diagonal().sqrt()).abs().max() < 0.03
+
+
+def test_evidence_trick_with_random_probes_stays_finite_on_a_smooth_gp():
+    # A smooth GP on 128 points (more than exact_max_dim, so 8 random probes estimate the
+    # Tweedie variance) observed through Poisson counts, in float32. The estimate's relative
+    # error is near 100 % at high noise on such a dense covariance; without the sum-of-squares
+    # floor some variances came out near zero and the guided steps exploded (|x| ~ 1e4 by
+    # sigma = 10).
+    d = 128
+    t = torch.linspace(0, 1, d)
+    cov = torch.exp(-0.5 * (t[:, None] - t[None]) ** 2 / 0.1 ** 2) + 1e-5 * torch.eye(d)
+    prior = DiffusionPrior(GaussianDenoiser(torch.zeros(d), cov), (d,))
+    gen = torch.Generator().manual_seed(0)
+    truth = torch.linalg.cholesky(cov.double()).float() @ torch.randn(d, generator=gen)
+    y = torch.poisson(5.0 * truth.exp(), generator=gen)
+
+    def model(prior, y):
+        f = pyro.sample("f", prior)
+        with pyro.plate("points", d):
+            pyro.sample("y", dist.Poisson(5.0 * f.exp()), obs=y)
+
+    post = DiffusionPosterior(model, num_samples=64, num_steps=100, seed=0, progress=False)
+    f = post.run(prior, y).get_samples()["f"]
+    assert torch.isfinite(f).all() and f.abs().max() < 6
+    assert (f.mean(0) - truth).abs().mean() < 0.4
