@@ -19,6 +19,10 @@ Methods per setting:
   ``DiffusionPrior.fit(sample_gp(...), steps=--train-steps, seed=0)`` on ``--num-train`` draws,
   one per (grid, form), cached under ``--cache``; its training time is reported apart (it is
   paid once per prior, not per data set), with a check of its covariance against fresh GP draws.
+- ``diffusion langevin``: :class:`~pyro_diffusion.DiffusionLangevin` with the same prior and
+  the model's exact likelihood, ``--langevin-steps`` steps plus 32 denoising steps, default
+  blur; with ``--exact-prior`` also with the exact GP denoiser in place of the learned one
+  (fixed form only), which isolates the sampler's own error from the learned prior's.
 - ``Pyro NUTS``: :func:`pyro_diffusion.diagnostics.run_nuts` on the whitened model
   ``f = L z``, ``z ~ N(0, I)``, ``L`` the Cholesky factor of the kernel matrix plus ``1e-6``
   times the variance on its diagonal (the jitter of ``sample_gp``), in float64; with
@@ -74,7 +78,7 @@ from pyro.ops.stats import split_gelman_rubin
 from torch.distributions import LogNormal
 
 import pyro_diffusion
-from pyro_diffusion import DiffusionPosterior, DiffusionPrior
+from pyro_diffusion import DiffusionLangevin, DiffusionPosterior, DiffusionPrior, GaussianDenoiser
 from pyro_diffusion.datasets import sample_gp
 from pyro_diffusion.diagnostics import compare_posteriors, run_nuts
 
@@ -105,6 +109,13 @@ def parse_args(argv=None):
                         help="independent batches (= chains) of the diffusion draws")
     parser.add_argument("--steps", type=int, nargs="+", default=[100, 200],
                         help="reverse steps of the diffusion posterior (100 200)")
+    parser.add_argument("--langevin-steps", type=int, nargs="*", default=[200],
+                        help="DiffusionLangevin steps (200; none: skip it)")
+    parser.add_argument("--exact-prior", action="store_true",
+                        help="also run DiffusionLangevin with the exact GP denoiser (fixed form "
+                             "only), which separates the sampler's error from the prior's")
+    parser.add_argument("--skip-guided", action="store_true",
+                        help="skip the guided DiffusionPosterior rows")
     parser.add_argument("--nuts-chains", type=int, default=2)
     parser.add_argument("--nuts-warmup", type=int, default=500)
     parser.add_argument("--nuts-draws", type=int, default=500)
@@ -125,6 +136,7 @@ def parse_args(argv=None):
         args.dims, args.grid2d, args.forms, args.likelihoods = [64], [], ["fixed"], ["poisson"]
         args.num_train, args.train_steps = 5000, 500
         args.num_samples, args.steps, args.check_samples = 200, [50], 500
+        args.langevin_steps = [50]
         args.nuts_warmup = args.nuts_draws = 100
         args.ref_chains, args.ref_warmup, args.ref_draws = 2, 200, 200
     if args.num_samples % args.batches:
@@ -318,10 +330,14 @@ def numpyro_run(args, sqdist, chol, lik, y, seed):
     jax.block_until_ready(f)
     wall = time.perf_counter() - tic
     divergences = int(np.asarray(mcmc.get_extra_fields()["diverging"]).sum())
-    return torch.from_numpy(np.asarray(f, dtype=np.float64)), wall, divergences
+    return torch.from_numpy(np.array(f, dtype=np.float64)), wall, divergences
 
 
-def numpyro_available():
+def numpyro_available(threads):
+    # XLA's CPU backend uses every core unless told otherwise: match --threads.
+    if threads == 1:
+        os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false "
+                                           "intra_op_parallelism_threads=1")
     try:
         import jax  # noqa: F401
         import numpyro  # noqa: F401
@@ -393,7 +409,7 @@ def main(argv=None):
         print(f"[{time.perf_counter() - start:6.0f} s] {msg}", file=sys.stderr, flush=True)
 
     command = shlex.join([os.path.basename(sys.executable)] + sys.argv)
-    has_numpyro, numpyro_note = numpyro_available()
+    has_numpyro, numpyro_note = numpyro_available(args.threads)
     info = [f"command: `{command}`",
             f"torch {torch.__version__}, pyro {pyro.__version__}, pyro_diffusion "
             f"{pyro_diffusion.__version__}, python {platform.python_version()}, threads "
@@ -462,7 +478,7 @@ def main(argv=None):
                         log(f"  NumPyro NUTS: {wall:.0f} s")
                     except Exception as err:  # an optional baseline never stops the run
                         log(f"  NumPyro NUTS failed: {type(err).__name__}: {err}")
-                for steps in args.steps:
+                for steps in [] if args.skip_guided else args.steps:
                     post = DiffusionPosterior(diffusion_model, guidance="auto",
                                               num_samples=args.num_samples,
                                               batch_size=args.num_samples // args.batches,
@@ -477,6 +493,29 @@ def main(argv=None):
                         "size": f"{args.num_samples} / {steps}",
                         "note": type(post.guidance_used).__name__}
                     log(f"  {name}: {post.wall_time:.1f} s")
+                candidates = [("langevin", prior)]
+                if args.exact_prior and form == "fixed":
+                    exact = DiffusionPrior(GaussianDenoiser(
+                        torch.zeros(d), (corr + JITTER * torch.eye(d, dtype=corr.dtype)).float()),
+                        (d,))
+                    candidates.append(("langevin, exact prior", exact))
+                for steps in args.langevin_steps:
+                    for tag_, p_ in candidates:
+                        run = DiffusionLangevin(diffusion_model, num_samples=args.num_samples,
+                                                num_steps=steps,
+                                                batch_size=args.num_samples // args.batches,
+                                                progress=False,
+                                                seed=derived_seed(args.seed, "langevin", label,
+                                                                  form, lik, steps))
+                        run.run(p_, lik, y.float())
+                        name = f"diffusion {tag_} {steps}"
+                        methods[name] = {
+                            "f": run.get_samples(group_by_chain=True)["f"].double(),
+                            "wall": run.wall_time,
+                            "size": f"{args.num_samples} / {steps}+{run.denoise_steps}",
+                            "note": f"rho_min {run.rho_min_used:.3g}, {run.divergences} "
+                                    "divergences"}
+                        log(f"  {name}: {run.wall_time:.1f} s")
                 scores = score(methods, ref)
                 rs = scores["reference"]
                 rows.append(fmt_row(label, form, lik, "reference (Pyro NUTS)",

@@ -4,6 +4,7 @@ from ._version import __version__
 from .em import fit_prior
 from .exact import GaussianDenoiser, GaussianMixtureDenoiser
 from .guidance import DPS, MMPS, EvidenceTrick, Guidance
+from .langevin import DiffusionLangevin
 from .metrics import sliced_wasserstein
 from .networks import MLP, UNet, default_network
 from .noise_grid import noise_grid
@@ -17,6 +18,7 @@ from .smc import DiffusionSMC
 __all__ = [
     "DPS",
     "MMPS",
+    "DiffusionLangevin",
     "DiffusionPosterior",
     "DiffusionPrior",
     "DiffusionSMC",

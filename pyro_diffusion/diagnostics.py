@@ -1,7 +1,8 @@
 r"""Diagnostics: NUTS reference runs, ArviZ data and side-by-side comparison of posteriors.
 
-A diffusion posterior (:class:`~pyro_diffusion.DiffusionPosterior`, guided and approximate) or a
-twisted SMC run (:class:`~pyro_diffusion.DiffusionSMC`) is best judged against a reference: for
+A diffusion posterior (:class:`~pyro_diffusion.DiffusionPosterior`, guided and approximate;
+:class:`~pyro_diffusion.DiffusionLangevin`, annealed Langevin) or a twisted SMC run
+(:class:`~pyro_diffusion.DiffusionSMC`) is best judged against a reference: for
 a prior that has a tractable density (a Gaussian process, a CAR field) that is NUTS on the same
 measurement model. This module
 
@@ -56,7 +57,7 @@ from pyro.infer.autoguide.initialization import init_to_median, init_to_sample
 from .inference_data import _import_arviz, _to_numpy
 from .inference_data import to_inference_data as _build_inference_data
 from .metrics import _quantiles, sliced_wasserstein
-from .posterior import DiffusionPosterior
+from .posterior import BatchPosterior
 from .smc import DiffusionSMC
 
 __all__ = ["compare_posteriors", "plot_comparison", "run_nuts", "to_inference_data"]
@@ -270,7 +271,7 @@ def run_nuts(model, *args, num_samples=500, warmup_steps=500, num_chains=2, seed
 
 def _grouped_samples(x, label, allow_dict):
     """``{site: (num_chains, num_draws, *shape)}`` of a result of one of the supported kinds."""
-    if isinstance(x, DiffusionPosterior):
+    if isinstance(x, BatchPosterior):  # DiffusionPosterior, DiffusionLangevin
         return x.get_samples(group_by_chain=True)
     if isinstance(x, DiffusionSMC):
         # One chain of equally weighted draws, resampled from the final particles.
@@ -295,8 +296,9 @@ def _grouped_samples(x, label, allow_dict):
         return out
     if allow_dict:
         raise TypeError(
-            f"posteriors[{label!r}] must be a DiffusionPosterior, a DiffusionSMC, a "
-            "pyro.infer.MCMC (run) or a dict of (num_chains, num_draws, *shape) draws, got "
+            f"posteriors[{label!r}] must be a DiffusionPosterior, a DiffusionLangevin, a "
+            "DiffusionSMC, a pyro.infer.MCMC (run) or a dict of (num_chains, num_draws, *shape) "
+            "draws, got "
             f"{type(x).__name__}"
         )
     hint = ""
@@ -304,7 +306,8 @@ def _grouped_samples(x, label, allow_dict):
         hint = ("; for a dict of (num_chains, num_draws, *shape) draws use "
                 "pyro_diffusion.inference_data.to_inference_data")
     raise TypeError(
-        "x must be a DiffusionPosterior, a DiffusionSMC or a pyro.infer.MCMC (run), got "
+        "x must be a DiffusionPosterior, a DiffusionLangevin, a DiffusionSMC or a "
+        "pyro.infer.MCMC (run), got "
         f"{type(x).__name__}{hint}"
     )
 
@@ -334,7 +337,8 @@ def _select(samples, var_names, label):
 def to_inference_data(x, *, var_names=None, dims=None, coords=None):
     """ArviZ inference data of a diffusion posterior, an SMC run or a Pyro MCMC run.
 
-    * :class:`~pyro_diffusion.DiffusionPosterior`: its independent batches are the chains
+    * :class:`~pyro_diffusion.DiffusionPosterior` and :class:`~pyro_diffusion.DiffusionLangevin`:
+      their independent batches are the chains
       (``get_samples(group_by_chain=True)``);
     * :class:`~pyro_diffusion.DiffusionSMC`: one chain of ``num_particles`` equally weighted
       draws resampled from the final particles (draws repeat particles, so judge its ESS on
@@ -550,6 +554,7 @@ def compare_posteriors(posteriors, var_names, reference="nuts", *, hdi_prob=0.9,
     time; ``mean``, ``sd``, ``lower``, ``upper``, ``ref_mean``, ``ref_sd`` and ``smd`` are NaN.
 
     :param dict posteriors: ``label -> result``: a :class:`~pyro_diffusion.DiffusionPosterior`,
+        a :class:`~pyro_diffusion.DiffusionLangevin`,
         a :class:`~pyro_diffusion.DiffusionSMC`, a :class:`pyro.infer.MCMC` (see
         :func:`to_inference_data` for how each becomes chains) or a dict
         ``{site: (num_chains, num_draws, *shape)}`` of tensors or arrays.

@@ -20,7 +20,78 @@ from .noise_grid import noise_grid
 from .samplers import check_sampler, reverse_sample
 
 
-class DiffusionPosterior:
+class BatchPosterior:
+    """Shared machinery of samplers that draw independent batches of posterior samples.
+
+    A subclass sets ``num_samples``, ``batch_size``, ``device``, ``seed`` and ``progress`` and
+    implements ``_prepare(lik, prior)`` (called once per run) and
+    ``_sample_batch(lik, prior, size, desc)``, which returns ``size`` draws of the latent.
+    :meth:`run` seeds, splits the draws into batches, adds the model's deterministic sites
+    and records ``wall_time``; each batch becomes one ArviZ chain.
+    """
+
+    num_samples = batch_size = 1
+    device = seed = None
+    progress = False
+    _samples = _num_chains = wall_time = None
+
+    def _check_sizes(self):
+        if self.num_samples < 1 or self.batch_size < 1:
+            raise ValueError("num_samples and batch_size must be positive")
+
+    def _prepare(self, lik, prior):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _sample_batch(self, lik, prior, size, desc):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def run(self, *args, **kwargs):
+        """Sample the posterior of ``model(*args, **kwargs)``; returns ``self``."""
+        lik = ModelLikelihood(self.model, args, kwargs)
+        prior = lik.prior
+        if self.device is not None:
+            prior.to(self.device)
+        self._prepare(lik, prior)
+        devices = [prior.device] if prior.device.type == "cuda" else []
+        rng = torch.random.fork_rng(devices=devices) if self.seed is not None \
+            else contextlib.nullcontext()
+        start = time.perf_counter()
+        batches = []
+        with rng:
+            if self.seed is not None:
+                torch.manual_seed(self.seed)
+            sizes = [min(self.batch_size, self.num_samples - i)
+                     for i in range(0, self.num_samples, self.batch_size)]
+            for b, size in enumerate(tqdm(sizes, desc="posterior batches",
+                                          disable=not self.progress or len(sizes) == 1)):
+                x = self._sample_batch(lik, prior, size, f"posterior {b + 1}/{len(sizes)}")
+                batches.append(x.detach())
+        x = torch.cat(batches)
+        samples = {lik.site: x}
+        samples.update(lik.deterministic(x))
+        self.wall_time = time.perf_counter() - start
+        self._samples = samples
+        full = [s for s in sizes if s == sizes[0]]
+        self._num_chains = len(full) if len(full) == len(sizes) else 1
+        self.likelihood = lik
+        return self
+
+    def get_samples(self, group_by_chain=False):
+        """Posterior draws as a dict ``{site: (num_samples, ...)}`` (or
+        ``(num_chains, draws, ...)`` with ``group_by_chain=True``, one chain per batch)."""
+        if self._samples is None:
+            raise RuntimeError("call .run(...) first")
+        if group_by_chain:
+            return split_chains(self._samples, self._num_chains)
+        return dict(self._samples)
+
+    def to_inference_data(self, dims=None, coords=None):
+        """ArviZ inference data with the independent batches as chains."""
+        return to_inference_data(self.get_samples(group_by_chain=True), dims=dims,
+                                 coords=coords)
+
+
+class DiffusionPosterior(BatchPosterior):
     """Posterior samples of a Pyro model whose latent field has a diffusion prior.
 
     :param callable model: the Pyro model (see :class:`~pyro_diffusion.likelihood.ModelLikelihood`
@@ -53,8 +124,7 @@ class DiffusionPosterior:
         self.num_samples = int(num_samples)
         self.num_steps = num_steps
         self.batch_size = int(batch_size)
-        if self.num_samples < 1 or self.batch_size < 1:
-            raise ValueError("num_samples and batch_size must be positive")
+        self._check_sizes()
         self.device = device
         self.seed = seed
         self.progress = progress
@@ -62,54 +132,15 @@ class DiffusionPosterior:
         self._num_chains = None
         self.wall_time = None
 
-    def run(self, *args, **kwargs):
-        """Sample the posterior of ``model(*args, **kwargs)``; returns ``self``."""
-        lik = ModelLikelihood(self.model, args, kwargs)
-        prior = lik.prior
-        if self.device is not None:
-            prior.to(self.device)
-        guidance = resolve_guidance(self.guidance, lik)
-        denoise = guidance.posterior_denoiser(lik, prior)
+    def _prepare(self, lik, prior):
+        self.guidance_used = resolve_guidance(self.guidance, lik)
+        self._denoise = self.guidance_used.posterior_denoiser(lik, prior)
         num_steps = self.num_steps or prior.num_steps
-        sigmas = noise_grid(num_steps, prior.sigma_min, prior.sigma_max, prior.rho,
-                            dtype=prior.dtype, device=prior.device)
-        devices = [prior.device] if prior.device.type == "cuda" else []
-        rng = torch.random.fork_rng(devices=devices) if self.seed is not None \
-            else contextlib.nullcontext()
-        start = time.perf_counter()
-        batches = []
-        with rng:
-            if self.seed is not None:
-                torch.manual_seed(self.seed)
-            sizes = [min(self.batch_size, self.num_samples - i)
-                     for i in range(0, self.num_samples, self.batch_size)]
-            for b, size in enumerate(tqdm(sizes, desc="posterior batches",
-                                          disable=not self.progress or len(sizes) == 1)):
-                x = reverse_sample(denoise, prior.initial_noise(size), sigmas,
-                                   sampler=self.sampler, eta=self.eta, progress=self.progress,
-                                   desc=f"posterior {b + 1}/{len(sizes)}")
-                batches.append(x.detach())
-        x = torch.cat(batches)
-        samples = {lik.site: x}
-        samples.update(lik.deterministic(x))
-        self.wall_time = time.perf_counter() - start
-        self._samples = samples
-        full = [s for s in sizes if s == sizes[0]]
-        self._num_chains = len(full) if len(full) == len(sizes) else 1
-        self.guidance_used = guidance
-        self.likelihood = lik
-        return self
+        self._sigmas = noise_grid(num_steps, prior.sigma_min, prior.sigma_max, prior.rho,
+                                  dtype=prior.dtype, device=prior.device)
 
-    def get_samples(self, group_by_chain=False):
-        """Posterior draws as a dict ``{site: (num_samples, ...)}`` (or
-        ``(num_chains, draws, ...)`` with ``group_by_chain=True``, one chain per batch)."""
-        if self._samples is None:
-            raise RuntimeError("call .run(...) first")
-        if group_by_chain:
-            return split_chains(self._samples, self._num_chains)
-        return dict(self._samples)
+    def _sample_batch(self, lik, prior, size, desc):
+        return reverse_sample(self._denoise, prior.initial_noise(size), self._sigmas,
+                              sampler=self.sampler, eta=self.eta, progress=self.progress,
+                              desc=desc)
 
-    def to_inference_data(self, dims=None, coords=None):
-        """ArviZ inference data with the independent batches as chains."""
-        return to_inference_data(self.get_samples(group_by_chain=True), dims=dims,
-                                 coords=coords)

@@ -109,3 +109,33 @@ def test_smc_on_cuda_float32():
     post, log_z = g64.ancestral_marginal(sigmas).condition(A.double(), y.double(), 0.09)
     assert abs(smc.log_evidence - float(log_z)) < 0.1
     assert ((x.double().mean(0).cpu() - post.mean) / post.cov.diagonal().sqrt()).abs().max() < 0.2
+
+
+def test_langevin_on_cuda_float32():
+    import pyro
+    import pyro.distributions as dist
+
+    from pyro_diffusion import DiffusionLangevin, GaussianDenoiser
+
+    d = 5
+    pts = torch.linspace(0, 1, d)
+    cov = torch.exp(-0.5 * (pts[:, None] - pts[None]) ** 2 / 0.3**2) + 1e-3 * torch.eye(d)
+    prior = DiffusionPrior(GaussianDenoiser(torch.zeros(d), cov).to("cuda"), (d,))
+    exposure = torch.full((d,), 3.0, device="cuda")
+    y = torch.tensor([2.0, 5.0, 1.0, 0.0, 7.0], device="cuda")
+
+    def model(prior, exposure, y):
+        f = pyro.sample("f", prior)
+        with pyro.plate("areas", d):
+            pyro.sample("y", dist.Poisson(exposure * f.exp()), obs=y)
+
+    run = DiffusionLangevin(model, num_samples=4000, num_steps=2000, rho_min=0.05, seed=0,
+                            progress=False).run(prior, exposure, y)
+    x = run.get_samples()["f"]
+    assert x.device.type == "cuda" and torch.isfinite(x).all()
+    z = torch.distributions.MultivariateNormal(torch.zeros(d), cov).sample((400_000,))
+    w = torch.softmax(dist.Poisson(exposure.cpu() * z.exp()).log_prob(y.cpu()).sum(-1), 0)
+    mean = w @ z
+    sd = (w @ (z - mean) ** 2).sqrt()
+    assert ((x.mean(0).cpu() - mean) / sd).abs().max() < 0.1
+    assert ((x.std(0).cpu() / sd) - 1).abs().max() < 0.1

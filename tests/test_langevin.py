@@ -1,0 +1,235 @@
+"""DiffusionLangevin against exact answers.
+
+With a Gaussian prior (exact denoiser) and Gaussian observations the sampler's target is closed
+form: the posterior with the observation covariance increased by ``rho_min^2 A A^T``. For counts
+in two dimensions the posterior follows by quadrature.
+"""
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+
+from pyro_diffusion import DiffusionLangevin, DiffusionPosterior, DiffusionPrior, GaussianDenoiser
+from pyro_diffusion.diagnostics import compare_posteriors, to_inference_data
+
+from .conftest import random_cov
+
+F64 = torch.float64
+
+
+def gaussian_posterior(mean, cov, A, noise_cov, y):
+    prec = torch.linalg.inv(cov) + A.T @ torch.linalg.solve(noise_cov, A)
+    post_cov = torch.linalg.inv(prec)
+    post_mean = post_cov @ (torch.linalg.solve(cov, mean) + A.T @ torch.linalg.solve(noise_cov, y))
+    return post_mean, post_cov
+
+
+def test_gaussian_target_is_the_blurred_posterior():
+    # A dense 2 x 4 observation couples the coordinates (the Hessian probe is then unbiased,
+    # not exact); the target is N(y; A z, s^2 I + rho^2 A A^T) times the prior.
+    d = 4
+    mean = torch.tensor([0.5, -0.2, 0.1, 0.3], dtype=F64)
+    cov = random_cov(d, low=0.3, high=2.0, seed=1)
+    gen = torch.Generator().manual_seed(2)
+    A = torch.randn(2, d, generator=gen, dtype=F64)
+    scale = 0.3
+    y = torch.tensor([1.0, -0.5], dtype=F64)
+    prior = DiffusionPrior(GaussianDenoiser(mean, cov), (d,))
+
+    def model(prior, y):
+        f = pyro.sample("f", prior)
+        pyro.sample("y", dist.Normal(f @ A.T, scale).to_event(1), obs=y)
+        pyro.deterministic("total", f.sum(-1))
+
+    rho = 0.1
+    post = DiffusionLangevin(model, num_samples=4000, num_steps=300, rho_min=rho,
+                             batch_size=2000, seed=0, progress=False).run(prior, y)
+    f = post.get_samples()["f"]
+    target_mean, target_cov = gaussian_posterior(
+        mean, cov, A, scale ** 2 * torch.eye(2, dtype=F64) + rho ** 2 * A @ A.T, y)
+    sd = target_cov.diagonal().sqrt()
+    # 4000 draws: se of a mean 0.016 sd, of a variance 2.2 %.
+    assert ((f.mean(0) - target_mean) / sd).abs().max() < 0.08
+    assert (f.T.cov().diagonal() / target_cov.diagonal() - 1).abs().max() < 0.1
+    corr = torch.corrcoef(f.T)
+    target_corr = target_cov / (sd[:, None] * sd[None])
+    assert (corr - target_corr).abs().max() < 0.05
+    assert post.divergences == 0
+    assert post.num_evaluations == 300 + 1 + 32
+    assert torch.allclose(post.get_samples()["total"], f.sum(-1))
+    # The blur is small: the exact posterior itself is within 0.1 sd and 10 % as well.
+    exact_mean, exact_cov = gaussian_posterior(mean, cov, A, scale ** 2 * torch.eye(2, dtype=F64),
+                                               y)
+    assert ((f.mean(0) - exact_mean) / exact_cov.diagonal().sqrt()).abs().max() < 0.1
+
+
+def _quadrature_2d(mean, cov, log_lik, half_width=7.0, num=401):
+    sd = cov.diagonal().sqrt()
+    axes = [mean[i] + sd[i] * torch.linspace(-half_width, half_width, num, dtype=F64)
+            for i in range(2)]
+    grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 2)
+    log_joint = dist.MultivariateNormal(mean, cov).log_prob(grid) + log_lik(grid)
+    w = (log_joint - log_joint.logsumexp(0)).exp()
+    post_mean = (w[:, None] * grid).sum(0)
+    post_sd = (w[:, None] * (grid - post_mean) ** 2).sum(0).sqrt()
+    return post_mean, post_sd
+
+
+@pytest.mark.parametrize("family", ["poisson", "binomial"])
+def test_counts_against_quadrature(family):
+    mean = torch.tensor([0.2, -0.3], dtype=F64)
+    cov = torch.tensor([[0.8, 0.5], [0.5, 1.0]], dtype=F64)
+    prior = DiffusionPrior(GaussianDenoiser(mean, cov), (2,))
+    if family == "poisson":
+        exposure = torch.tensor([3.0, 5.0], dtype=F64)
+        y = torch.tensor([7.0, 0.0], dtype=F64)
+
+        def likelihood(f):
+            return dist.Poisson(exposure * f.exp())
+    else:
+        total = torch.tensor([10.0, 20.0], dtype=F64)
+        y = torch.tensor([8.0, 5.0], dtype=F64)
+
+        def likelihood(f):
+            return dist.Binomial(total, logits=f)
+
+    def model(prior, y):
+        f = pyro.sample("f", prior)
+        with pyro.plate("areas", 2):
+            pyro.sample("y", likelihood(f), obs=y)
+
+    post_mean, post_sd = _quadrature_2d(mean, cov,
+                                        lambda f: likelihood(f).log_prob(y).sum(-1))
+    run = DiffusionLangevin(model, num_samples=4000, num_steps=300, rho_min=0.03,
+                            batch_size=2000, seed=1, progress=False).run(prior, y)
+    f = run.get_samples()["f"]
+    assert ((f.mean(0) - post_mean) / post_sd).abs().max() < 0.08
+    assert (f.std(0) / post_sd - 1).abs().max() < 0.06
+    assert run.divergences == 0
+
+
+def test_gp_field_matches_the_exact_posterior():
+    # A smooth GP on 32 points, each seen with Gaussian noise: smooth directions have large
+    # posterior variance and rough ones almost none, the case the momentum and the mass matrix
+    # are for. The exact posterior is closed form; the blur (0.02 against noise 0.2) is 1 %.
+    d = 32
+    t = torch.linspace(0, 1, d, dtype=F64)
+    cov = torch.exp(-0.5 * (t[:, None] - t[None]) ** 2 / 0.2 ** 2) + 1e-4 * torch.eye(d, dtype=F64)
+    prior = DiffusionPrior(GaussianDenoiser(torch.zeros(d, dtype=F64), cov), (d,))
+    scale = 0.2
+    gen = torch.Generator().manual_seed(3)
+    truth = torch.linalg.cholesky(cov) @ torch.randn(d, generator=gen, dtype=F64)
+    y = truth + scale * torch.randn(d, generator=gen, dtype=F64)
+
+    def model(prior, y):
+        f = pyro.sample("f", prior)
+        with pyro.plate("points", d):
+            pyro.sample("y", dist.Normal(f, scale), obs=y)
+
+    exact_mean, exact_cov = gaussian_posterior(torch.zeros(d, dtype=F64), cov,
+                                               torch.eye(d, dtype=F64),
+                                               scale ** 2 * torch.eye(d, dtype=F64), y)
+    sd = exact_cov.diagonal().sqrt()
+    lang = DiffusionLangevin(model, num_samples=2000, num_steps=200, rho_min=0.02,
+                             seed=0, progress=False).run(prior, y)
+    f = lang.get_samples()["f"]
+    smd = ((f.mean(0) - exact_mean) / sd).abs()
+    ratio = f.std(0) / sd
+    assert smd.mean() < 0.06 and smd.max() < 0.15
+    assert (ratio.mean() - 1).abs() < 0.05
+    assert (ratio - 1).abs().max() < 0.12
+    # Diagnostics accept it like a DiffusionPosterior: batches are chains.
+    table = compare_posteriors({"ref": {"f": (exact_mean + torch.randn(1, 4000, d, dtype=F64)
+                                               @ torch.linalg.cholesky(exact_cov).T).numpy()},
+                                "langevin": lang}, "f", reference="ref")
+    row = table[(table.method == "langevin") & (table.coord == "all")].iloc[0]
+    assert row["sd_ratio"] == pytest.approx(float(ratio.mean()), rel=0.03)
+    idata = to_inference_data(lang)
+    assert idata.posterior["f"].shape[:2] == (2, 1000)
+
+
+def test_seeded_runs_repeat_and_settings_are_checked():
+    prior = DiffusionPrior(GaussianDenoiser(torch.zeros(2, dtype=F64),
+                                            torch.eye(2, dtype=F64)), (2,))
+    y = torch.tensor([3.0, 1.0], dtype=F64)
+
+    def model(prior, y):
+        f = pyro.sample("f", prior)
+        pyro.sample("y", dist.Poisson(2.0 * f.exp()).to_event(1), obs=y)
+
+    a = DiffusionLangevin(model, 50, 20, seed=7, progress=False).run(prior, y)
+    b = DiffusionLangevin(model, 50, 20, seed=7, progress=False).run(prior, y)
+    assert torch.equal(a.get_samples()["f"], b.get_samples()["f"])
+    for kwargs, match in [({"num_steps": 0}, "num_steps"), ({"step_size": 2.5}, "step_size"),
+                          ({"persistence": 1.0}, "persistence"), ({"rho_min": -1}, "rho_min"),
+                          ({"anneal": 1.5}, "anneal"), ({"denoise_steps": 0}, "denoise_steps"),
+                          ({"num_samples": 0}, "num_samples")]:
+        with pytest.raises(ValueError, match=match):
+            DiffusionLangevin(model, **kwargs)
+    with pytest.raises(ValueError, match="must not exceed rho_max"):
+        DiffusionLangevin(model, 10, 5, rho_min=2.0, rho_max=1.0, progress=False).run(prior, y)
+    with pytest.raises(ValueError, match="sigma_min"):
+        DiffusionLangevin(model, 10, 5, rho_min=1e-4, progress=False).run(prior, y)
+    with pytest.raises(RuntimeError, match="run"):
+        DiffusionLangevin(model).get_samples()
+
+
+def test_non_finite_steps_are_undone():
+    # The likelihood and its gradient are NaN beyond |f| = 3 and the posterior sits just inside:
+    # steps that cross are undone (momentum redrawn) and counted; every draw is finite.
+    prior = DiffusionPrior(GaussianDenoiser(torch.zeros(1), torch.eye(1)), (1,))
+    y = torch.tensor([2.9])
+
+    def model(prior, y):
+        f = pyro.sample("f", prior)
+        loc = f + 0.0 * (3.0 - f.abs()).sqrt()
+        pyro.sample("y", dist.Normal(loc, 0.1).to_event(1), obs=y)
+
+    run = DiffusionLangevin(model, 200, 50, step_size=1.9, persistence=0.95, seed=0,
+                            progress=False).run(prior, y)
+    f = run.get_samples()["f"]
+    assert torch.isfinite(f).all()
+    assert run.divergences > 0
+    assert (f - 2.85).abs().max() < 0.6
+
+
+def test_chains_that_start_where_the_likelihood_overflows_restart_at_the_mean():
+    prior = DiffusionPrior(GaussianDenoiser(torch.zeros(1), torch.eye(1)), (1,))
+    y = torch.tensor([3.0])
+
+    def model(prior, y):
+        f = pyro.sample("f", prior)
+        pyro.sample("y", dist.Poisson(f.exp()).to_event(1), obs=y)
+
+    # Starting blur 200: about a third of the chains start beyond exp's float32 range
+    # (f > 88.7), where the gradient overflows; they restart at the prior mean, 0. (Chains
+    # that start far out on the finite side crawl back slowly on this log-link: a starting
+    # blur of this size is a stress test, not a setting to use.)
+    run = DiffusionLangevin(model, 300, 10, rho_max=200.0, anneal=0.0, seed=0,
+                            progress=False).run(prior, y)
+    f = run.get_samples()["f"]
+    assert torch.isfinite(f).all()
+
+    def broken(prior, y):
+        f = pyro.sample("f", prior)
+        pyro.sample("y", dist.Poisson((f + 100.0).exp()).to_event(1), obs=y)
+
+    with pytest.raises(ValueError, match="not finite at the prior mean of 'f'"):
+        DiffusionLangevin(broken, 10, 5, progress=False).run(prior, y)
+
+
+def test_guided_and_langevin_share_the_batch_interface():
+    prior = DiffusionPrior(GaussianDenoiser(torch.zeros(3), torch.eye(3)), (3,))
+    y = torch.tensor([1.0, 0.0, 2.0])
+
+    def model(prior, y):
+        f = pyro.sample("f", prior)
+        pyro.sample("y", dist.Poisson(f.exp()).to_event(1), obs=y)
+
+    for cls, kw in [(DiffusionPosterior, {"num_steps": 8}), (DiffusionLangevin,
+                                                              {"num_steps": 8})]:
+        run = cls(model, num_samples=30, batch_size=10, seed=0, progress=False, **kw)
+        run.run(prior, y)
+        assert run.get_samples(group_by_chain=True)["f"].shape == (3, 10, 3)
+        assert run.wall_time > 0
