@@ -1,0 +1,76 @@
+"""How well a learned denoiser's score matches the exact one, overall and in smooth directions.
+
+For the GP priors cached by ``bench/vs_nuts.py`` (fixed hyperparameters, 1-D grid of 256 points
+and 16 x 16 grid), the relative error ``||s_learned - s_exact|| / ||s_exact||`` of the score
+``(D(x; rho) - x) / rho^2`` at ``x = f + rho * eps``, for ``f`` drawn from the GP prior and from
+the cached reference posterior (Poisson data), averaged over 500 points; once over all
+coordinates and once projected on the ``--top`` leading eigenvectors of the kernel matrix (the
+smoothest directions, which carry a field's large-scale uncertainty).
+
+    .venv/bin/python bench/score_error.py --threads 1
+
+Needs the cache of a ``bench/vs_nuts.py`` run (``--cache``, default as there).
+"""
+
+import argparse
+import os
+import sys
+
+import torch
+from _common import markdown_table
+
+sys.path.insert(0, os.path.dirname(__file__))
+import vs_nuts
+
+from pyro_diffusion import DiffusionPrior, GaussianDenoiser
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cache", default="/tmp/pyro_diffusion_bench_cache")
+    parser.add_argument("--rhos", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.5, 1.0])
+    parser.add_argument("--top", type=int, default=20)
+    parser.add_argument("--points", type=int, default=500)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    rows = []
+    for kind, size, tag in [("1d", 256, "256"), ("2d", 16, "16x16")]:
+        _, points = vs_nuts.grid(kind, size)
+        d = points.shape[0]
+        cov = torch.exp(-0.5 * vs_nuts.squared_distances(points) / vs_nuts.LENGTHSCALE ** 2)
+        cov = cov + vs_nuts.JITTER * torch.eye(d, dtype=cov.dtype)
+        exact = GaussianDenoiser(torch.zeros(d), cov.float())
+        prior_path = os.path.join(args.cache, f"prior_{tag}_fixed_n20000_s3000_seed0.pt")
+        ref_path = os.path.join(args.cache, f"ref_{tag}_fixed_poisson_seed0_4x500+500.pt")
+        if not (os.path.exists(prior_path) and os.path.exists(ref_path)):
+            print(f"skipping {tag}: run bench/vs_nuts.py for it first ({prior_path})")
+            continue
+        learned = DiffusionPrior.load(prior_path)
+        ref = torch.load(ref_path, weights_only=True)["f"].reshape(-1, d).float()
+        draws = {"prior": (torch.linalg.cholesky(cov) @ torch.randn(d, args.points,
+                                                                    dtype=cov.dtype)).T.float(),
+                 "posterior": ref[torch.randperm(ref.shape[0])[:args.points]]}
+        smooth = exact.evecs[:, -args.top:]
+        for name, base in draws.items():
+            row_all, row_top = [tag, name, "all"], [tag, name, f"top {args.top}"]
+            for rho in args.rhos:
+                x = base + rho * torch.randn_like(base)
+                sigma = torch.full((x.shape[0],), rho)
+                with torch.no_grad():
+                    s_exact = (exact(x, sigma) - x) / rho ** 2
+                    s_learned = (learned.denoise(x, sigma) - x) / rho ** 2
+                diff = s_learned - s_exact
+                err_all = diff.norm(dim=1).mean() / s_exact.norm(dim=1).mean()
+                err_top = ((diff @ smooth).norm(dim=1).mean()
+                           / (s_exact @ smooth).norm(dim=1).mean())
+                row_all.append(f"{float(err_all):.3f}")
+                row_top.append(f"{float(err_top):.3f}")
+            rows += [row_all, row_top]
+    header = ["grid", "x from", "directions"] + [f"rho = {r:g}" for r in args.rhos]
+    print(markdown_table(header, rows))
+
+
+if __name__ == "__main__":
+    main()
