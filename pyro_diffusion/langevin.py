@@ -42,7 +42,8 @@ more exact). Neither depends on how well a guidance approximates :math:`p(y \mid
 Like any Langevin method it is made for unimodal (or mildly multimodal) posteriors, such as
 latent fields under generalised linear observations: the annealing reaches separated modes but
 does not weigh them correctly (on the 25-component mixture benchmark it is no better than
-guided MMPS); :class:`~pyro_diffusion.DiffusionSMC` is the tool for those.
+guided MMPS, ``bench/langevin_mixture.py``); :class:`~pyro_diffusion.DiffusionSMC` is the tool
+for those.
 
 With a *learned* denoiser the dynamics lean on the network's score at noise :math:`\rho` in
 every direction, including the smooth ones that carry a field's large-scale uncertainty, and
