@@ -14,13 +14,10 @@ Needs the cache of a ``bench/vs_nuts.py`` run (``--cache``, default as there).
 
 import argparse
 import os
-import sys
 
 import torch
-from _common import markdown_table
-
-sys.path.insert(0, os.path.dirname(__file__))
 import vs_nuts
+from _common import markdown_table
 
 from pyro_diffusion import DiffusionPrior, GaussianDenoiser
 

@@ -294,6 +294,12 @@ def cached_reference(args, label, form, lik, sqdist, chol, y, log):
     return f, wall, div, tag
 
 
+def batch_result(run, size, note):
+    """The ``methods`` entry of a finished ``DiffusionPosterior`` or ``DiffusionLangevin``."""
+    return {"f": run.get_samples(group_by_chain=True)["f"].double(), "wall": run.wall_time,
+            "size": size, "note": note}
+
+
 def numpyro_run(args, sqdist, chol, lik, y, seed):
     """NumPyro NUTS on the same whitened model (only called when numpyro and jax import)."""
     import jax
@@ -446,10 +452,14 @@ def main(argv=None):
                                f"{meta['train_s']:.0f}" + (" (cached)" if loaded else ""),
                                f"{meta['val_loss']:.4f}" if meta["val_loss"] else "–", *check])
             fixed_chol = None
+            candidates = [("langevin", prior)]
             if form == "fixed":
-                corr = torch.exp(-0.5 * sqdist / LENGTHSCALE ** 2)
-                fixed_chol = torch.linalg.cholesky(corr + JITTER * torch.eye(d,
-                                                                            dtype=corr.dtype))
+                kernel = torch.exp(-0.5 * sqdist / LENGTHSCALE ** 2)
+                kernel = kernel + JITTER * torch.eye(d, dtype=kernel.dtype)
+                fixed_chol = torch.linalg.cholesky(kernel)
+                if args.exact_prior:  # built once per grid, used for every likelihood
+                    exact = DiffusionPrior(GaussianDenoiser(torch.zeros(d), kernel.float()), (d,))
+                    candidates.append(("langevin, exact prior", exact))
             for lik in args.likelihoods:
                 truth, y, params = simulate(points, form, lik, args.seed)
                 log(f"setting d={label} {form} {lik}: field lengthscale "
@@ -487,18 +497,9 @@ def main(argv=None):
                                                                 form, lik, steps))
                     post.run(prior, lik, y.float())
                     name = f"diffusion {steps}"
-                    methods[name] = {
-                        "f": post.get_samples(group_by_chain=True)["f"].double(),
-                        "wall": post.wall_time,
-                        "size": f"{args.num_samples} / {steps}",
-                        "note": type(post.guidance_used).__name__}
+                    methods[name] = batch_result(post, f"{args.num_samples} / {steps}",
+                                                 type(post.guidance_used).__name__)
                     log(f"  {name}: {post.wall_time:.1f} s")
-                candidates = [("langevin", prior)]
-                if args.exact_prior and form == "fixed":
-                    exact = DiffusionPrior(GaussianDenoiser(
-                        torch.zeros(d), (corr + JITTER * torch.eye(d, dtype=corr.dtype)).float()),
-                        (d,))
-                    candidates.append(("langevin, exact prior", exact))
                 for steps in args.langevin_steps:
                     for tag_, p_ in candidates:
                         run = DiffusionLangevin(diffusion_model, num_samples=args.num_samples,
@@ -509,12 +510,9 @@ def main(argv=None):
                                                                   form, lik, steps))
                         run.run(p_, lik, y.float())
                         name = f"diffusion {tag_} {steps}"
-                        methods[name] = {
-                            "f": run.get_samples(group_by_chain=True)["f"].double(),
-                            "wall": run.wall_time,
-                            "size": f"{args.num_samples} / {steps}+{run.denoise_steps}",
-                            "note": f"rho_min {run.rho_min_used:.3g}, {run.divergences} "
-                                    "divergences"}
+                        methods[name] = batch_result(
+                            run, f"{args.num_samples} / {steps}+{run.denoise_steps}",
+                            f"rho_min {run.rho_min_used:.3g}, {run.divergences} divergences")
                         log(f"  {name}: {run.wall_time:.1f} s")
                 scores = score(methods, ref)
                 rs = scores["reference"]

@@ -30,9 +30,6 @@ class BatchPosterior:
     and records ``wall_time``; each batch becomes one ArviZ chain.
     """
 
-    num_samples = batch_size = 1
-    device = seed = None
-    progress = False
     _samples = _num_chains = wall_time = None
 
     def _check_sizes(self):
@@ -128,9 +125,6 @@ class DiffusionPosterior(BatchPosterior):
         self.device = device
         self.seed = seed
         self.progress = progress
-        self._samples = None
-        self._num_chains = None
-        self.wall_time = None
 
     def _prepare(self, lik, prior):
         self.guidance_used = resolve_guidance(self.guidance, lik)

@@ -50,17 +50,19 @@ def test_fit_on_cuda_then_load_on_cpu(tmp_path):
                                atol=1e-4, rtol=1e-4)
 
 
-def test_guided_posterior_on_cuda_float32():
+def _poisson_gp_problem(**prior_settings):
+    """A 5-point GP prior (exact denoiser, on CUDA) with Poisson counts, the model, and the
+    posterior mean and sd by importance sampling 400 000 prior draws on the CPU."""
     import pyro
     import pyro.distributions as dist
 
-    from pyro_diffusion import DiffusionPosterior, GaussianDenoiser
+    from pyro_diffusion import GaussianDenoiser
 
     d = 5
     pts = torch.linspace(0, 1, d)
     cov = torch.exp(-0.5 * (pts[:, None] - pts[None]) ** 2 / 0.3**2) + 1e-3 * torch.eye(d)
     prior = DiffusionPrior(GaussianDenoiser(torch.zeros(d), cov).to("cuda"), (d,),
-                           num_steps=100)
+                           **prior_settings)
     exposure = torch.full((d,), 3.0, device="cuda")
     y = torch.tensor([2.0, 5.0, 1.0, 0.0, 7.0], device="cuda")
 
@@ -69,14 +71,21 @@ def test_guided_posterior_on_cuda_float32():
         with pyro.plate("areas", d):
             pyro.sample("y", dist.Poisson(exposure * f.exp()), obs=y)
 
-    post = DiffusionPosterior(model, num_samples=4000, batch_size=2000, seed=0,
-                              progress=False).run(prior, exposure, y)
-    x = post.get_samples()["f"]
-    assert x.device.type == "cuda" and torch.isfinite(x).all()
     z = torch.distributions.MultivariateNormal(torch.zeros(d), cov).sample((400_000,))
     w = torch.softmax(dist.Poisson(exposure.cpu() * z.exp()).log_prob(y.cpu()).sum(-1), 0)
     mean = w @ z
     sd = (w @ (z - mean) ** 2).sqrt()
+    return model, (prior, exposure, y), mean, sd
+
+
+def test_guided_posterior_on_cuda_float32():
+    from pyro_diffusion import DiffusionPosterior
+
+    model, args, mean, sd = _poisson_gp_problem(num_steps=100)
+    post = DiffusionPosterior(model, num_samples=4000, batch_size=2000, seed=0,
+                              progress=False).run(*args)
+    x = post.get_samples()["f"]
+    assert x.device.type == "cuda" and torch.isfinite(x).all()
     assert ((x.mean(0).cpu() - mean) / sd).abs().max() < 0.3
 
 
@@ -112,30 +121,12 @@ def test_smc_on_cuda_float32():
 
 
 def test_langevin_on_cuda_float32():
-    import pyro
-    import pyro.distributions as dist
+    from pyro_diffusion import DiffusionLangevin
 
-    from pyro_diffusion import DiffusionLangevin, GaussianDenoiser
-
-    d = 5
-    pts = torch.linspace(0, 1, d)
-    cov = torch.exp(-0.5 * (pts[:, None] - pts[None]) ** 2 / 0.3**2) + 1e-3 * torch.eye(d)
-    prior = DiffusionPrior(GaussianDenoiser(torch.zeros(d), cov).to("cuda"), (d,))
-    exposure = torch.full((d,), 3.0, device="cuda")
-    y = torch.tensor([2.0, 5.0, 1.0, 0.0, 7.0], device="cuda")
-
-    def model(prior, exposure, y):
-        f = pyro.sample("f", prior)
-        with pyro.plate("areas", d):
-            pyro.sample("y", dist.Poisson(exposure * f.exp()), obs=y)
-
+    model, args, mean, sd = _poisson_gp_problem()
     run = DiffusionLangevin(model, num_samples=4000, num_steps=2000, rho_min=0.05, seed=0,
-                            progress=False).run(prior, exposure, y)
+                            progress=False).run(*args)
     x = run.get_samples()["f"]
     assert x.device.type == "cuda" and torch.isfinite(x).all()
-    z = torch.distributions.MultivariateNormal(torch.zeros(d), cov).sample((400_000,))
-    w = torch.softmax(dist.Poisson(exposure.cpu() * z.exp()).log_prob(y.cpu()).sum(-1), 0)
-    mean = w @ z
-    sd = (w @ (z - mean) ** 2).sqrt()
     assert ((x.mean(0).cpu() - mean) / sd).abs().max() < 0.1
     assert ((x.std(0).cpu() / sd) - 1).abs().max() < 0.1
