@@ -1,7 +1,8 @@
 """How well a learned denoiser's score matches the exact one, overall and in smooth directions.
 
 For the GP priors cached by ``bench/vs_nuts.py`` (fixed hyperparameters, 1-D grid of 256 points
-and 16 x 16 grid), the relative error ``||s_learned - s_exact|| / ||s_exact||`` of the score
+and 16 x 16 grid; ``--priors`` picks which: trained without and with the Gaussian skip), the
+relative error ``||s_learned - s_exact|| / ||s_exact||`` of the score
 ``(D(x; rho) - x) / rho^2`` at ``x = f + rho * eps``, for ``f`` drawn from the GP prior and from
 the cached reference posterior (Poisson data), averaged over 500 points; once over all
 coordinates and once projected on the ``--top`` leading eigenvectors of the kernel matrix (the
@@ -28,6 +29,11 @@ def main(argv=None):
     parser.add_argument("--rhos", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.5, 1.0])
     parser.add_argument("--top", type=int, default=20)
     parser.add_argument("--points", type=int, default=500)
+    parser.add_argument("--priors", nargs="+", default=["s3000", "s2000_skip"],
+                        help="cached priors to compare, by the end of their file name "
+                             "(prior_<grid>_fixed_n20000_<this>.pt without the seed part): "
+                             "s3000 (no Gaussian skip, runs 1-5), s2000_skip (runs 6-7), "
+                             "s2000_skip_w128")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -39,33 +45,40 @@ def main(argv=None):
         cov = torch.exp(-0.5 * vs_nuts.squared_distances(points) / vs_nuts.LENGTHSCALE ** 2)
         cov = cov + vs_nuts.JITTER * torch.eye(d, dtype=cov.dtype)
         exact = GaussianDenoiser(torch.zeros(d), cov.float())
-        prior_path = os.path.join(args.cache, f"prior_{tag}_fixed_n20000_s3000_seed0.pt")
         ref_path = os.path.join(args.cache, f"ref_{tag}_fixed_poisson_seed0_4x500+500.pt")
-        if not (os.path.exists(prior_path) and os.path.exists(ref_path)):
-            print(f"skipping {tag}: run bench/vs_nuts.py for it first ({prior_path})")
+        if not os.path.exists(ref_path):
+            print(f"skipping {tag}: run bench/vs_nuts.py for it first ({ref_path})")
             continue
-        learned = DiffusionPrior.load(prior_path)
         ref = torch.load(ref_path, weights_only=True)["f"].reshape(-1, d).float()
         draws = {"prior": (torch.linalg.cholesky(cov) @ torch.randn(d, args.points,
                                                                     dtype=cov.dtype)).T.float(),
                  "posterior": ref[torch.randperm(ref.shape[0])[:args.points]]}
         smooth = exact.evecs[:, -args.top:]
-        for name, base in draws.items():
-            row_all, row_top = [tag, name, "all"], [tag, name, f"top {args.top}"]
-            for rho in args.rhos:
-                x = base + rho * torch.randn_like(base)
-                sigma = torch.full((x.shape[0],), rho)
-                with torch.no_grad():
-                    s_exact = (exact(x, sigma) - x) / rho ** 2
-                    s_learned = (learned.denoise(x, sigma) - x) / rho ** 2
-                diff = s_learned - s_exact
-                err_all = diff.norm(dim=1).mean() / s_exact.norm(dim=1).mean()
-                err_top = ((diff @ smooth).norm(dim=1).mean()
-                           / (s_exact @ smooth).norm(dim=1).mean())
-                row_all.append(f"{float(err_all):.3f}")
-                row_top.append(f"{float(err_top):.3f}")
-            rows += [row_all, row_top]
-    header = ["grid", "x from", "directions"] + [f"rho = {r:g}" for r in args.rhos]
+        for variant in args.priors:
+            steps, _, rest = variant.partition("_")
+            prior_path = os.path.join(args.cache, f"prior_{tag}_fixed_n20000_{steps}_seed0"
+                                                  f"{'_' + rest if rest else ''}.pt")
+            if not os.path.exists(prior_path):
+                print(f"skipping {tag} {variant}: no cached prior {prior_path}")
+                continue
+            learned = DiffusionPrior.load(prior_path)
+            for name, base in draws.items():
+                row_all = [tag, variant, name, "all"]
+                row_top = [tag, variant, name, f"top {args.top}"]
+                for rho in args.rhos:
+                    x = base + rho * torch.randn_like(base)
+                    sigma = torch.full((x.shape[0],), rho)
+                    with torch.no_grad():
+                        s_exact = (exact(x, sigma) - x) / rho ** 2
+                        s_learned = (learned.denoise(x, sigma) - x) / rho ** 2
+                    diff = s_learned - s_exact
+                    err_all = diff.norm(dim=1).mean() / s_exact.norm(dim=1).mean()
+                    err_top = ((diff @ smooth).norm(dim=1).mean()
+                               / (s_exact @ smooth).norm(dim=1).mean())
+                    row_all.append(f"{float(err_all):.3f}")
+                    row_top.append(f"{float(err_top):.3f}")
+                rows += [row_all, row_top]
+    header = ["grid", "prior", "x from", "directions"] + [f"rho = {r:g}" for r in args.rhos]
     print(markdown_table(header, rows))
 
 

@@ -20,9 +20,13 @@ Methods per setting:
   one per (grid, form), cached under ``--cache``; its training time is reported apart (it is
   paid once per prior, not per data set), with a check of its covariance against fresh GP draws.
 - ``diffusion langevin``: :class:`~pyro_diffusion.DiffusionLangevin` with the same prior and
-  the model's exact likelihood, ``--langevin-steps`` steps plus 32 denoising steps, default
-  blur; with ``--exact-prior`` also with the exact GP denoiser in place of the learned one
-  (fixed form only), which isolates the sampler's own error from the learned prior's.
+  the model's exact likelihood, ``--langevin-steps`` steps plus ``--denoise-steps`` denoising
+  steps (its defaults), default blur, ``--preconditioner`` (auto: Gaussian when the prior has a
+  Gaussian part); with ``--exact-prior`` also with the exact GP denoiser in place of the learned
+  one (fixed form only), which isolates the sampler's own error from the learned prior's.
+
+The priors are trained with the Gaussian skip (``--no-gaussian-skip``: without, as before
+it existed) and the default network (``--width W``: an MLP of width ``W``, on 2-D grids too).
 - ``Pyro NUTS``: :func:`pyro_diffusion.diagnostics.run_nuts` on the whitened model
   ``f = L z``, ``z ~ N(0, I)``, ``L`` the Cholesky factor of the kernel matrix plus ``1e-6``
   times the variance on its diagonal (the jitter of ``sample_gp``), in float64; with
@@ -45,7 +49,8 @@ The reference is a longer Pyro NUTS run on the same data (``--ref-chains`` x ``-
   x Pyro: the ratio to Pyro NUTS's ESS/s in the same setting.
 
 "goal" marks the diffusion rows with d >= 256 against the issue's target: mean abs smd <= 0.1,
-mean sd ratio within 10 % of 1, mean cov90 ref in m in [0.85, 0.95], and ESS/s >= 100 x Pyro's.
+mean sd ratio within 10 % of 1, mean cov90 ref in m in [0.85, 0.95], and ESS/s >= 100 x Pyro's
+and (when NumPyro ran) >= 10 x NumPyro's ("x NumPyro": the ratio to NumPyro's ESS/s).
 
 Cost on a CPU: Pyro NUTS with hyperpriors factorises the kernel matrix at every gradient; at
 d = 256 one chain of 150 + 150 iterations took 558 s on a shared core, so the default
@@ -78,7 +83,13 @@ from pyro.ops.stats import split_gelman_rubin
 from torch.distributions import LogNormal
 
 import pyro_diffusion
-from pyro_diffusion import DiffusionLangevin, DiffusionPosterior, DiffusionPrior, GaussianDenoiser
+from pyro_diffusion import (
+    MLP,
+    DiffusionLangevin,
+    DiffusionPosterior,
+    DiffusionPrior,
+    GaussianDenoiser,
+)
 from pyro_diffusion.datasets import sample_gp
 from pyro_diffusion.diagnostics import compare_posteriors, run_nuts
 
@@ -103,14 +114,25 @@ def parse_args(argv=None):
     parser.add_argument("--likelihoods", nargs="+", choices=LIKELIHOODS,
                         default=list(LIKELIHOODS))
     parser.add_argument("--num-train", type=int, default=20000, help="GP draws to train on")
-    parser.add_argument("--train-steps", type=int, default=4000)
+    parser.add_argument("--train-steps", type=int, default=2000)
     parser.add_argument("--num-samples", type=int, default=2000, help="diffusion draws")
     parser.add_argument("--batches", type=int, default=4,
                         help="independent batches (= chains) of the diffusion draws")
     parser.add_argument("--steps", type=int, nargs="+", default=[100, 200],
                         help="reverse steps of the diffusion posterior (100 200)")
-    parser.add_argument("--langevin-steps", type=int, nargs="*", default=[200],
-                        help="DiffusionLangevin steps (200; none: skip it)")
+    parser.add_argument("--langevin-steps", type=int, nargs="*", default=[50],
+                        help="DiffusionLangevin steps (50; none: skip it)")
+    parser.add_argument("--denoise-steps", type=int, default=None,
+                        help="DiffusionLangevin's final denoising steps (default: its own, 8 "
+                             "with the Gaussian preconditioner, 32 with the diagonal one)")
+    parser.add_argument("--preconditioner", choices=["auto", "gaussian", "diagonal"],
+                        default="auto", help="DiffusionLangevin's preconditioner (auto)")
+    parser.add_argument("--gaussian-skip", action=argparse.BooleanOptionalAction,
+                        default=True, help="train the priors with the Gaussian skip (default "
+                                           "on, as DiffusionPrior.fit for fields)")
+    parser.add_argument("--width", type=int, default=None,
+                        help="MLP width of the learned priors (default: default_network's; "
+                             "2-D grids then use an MLP instead of the U-Net)")
     parser.add_argument("--exact-prior", action="store_true",
                         help="also run DiffusionLangevin with the exact GP denoiser (fixed form "
                              "only), which separates the sampler's error from the prior's")
@@ -136,7 +158,7 @@ def parse_args(argv=None):
         args.dims, args.grid2d, args.forms, args.likelihoods = [64], [], ["fixed"], ["poisson"]
         args.num_train, args.train_steps = 5000, 500
         args.num_samples, args.steps, args.check_samples = 200, [50], 500
-        args.langevin_steps = [50]
+        args.langevin_steps = [30]
         args.nuts_warmup = args.nuts_draws = 100
         args.ref_chains, args.ref_warmup, args.ref_draws = 2, 200, 200
     if args.num_samples % args.batches:
@@ -215,8 +237,9 @@ def simulate(points, form, lik, seed):
 
 
 def cached_prior(args, label, points, form, log):
+    variant = ("_skip" if args.gaussian_skip else "") + (f"_w{args.width}" if args.width else "")
     path = os.path.join(args.cache, f"prior_{label}_{form}_n{args.num_train}_"
-                                    f"s{args.train_steps}_seed{args.seed}.pt")
+                                    f"s{args.train_steps}_seed{args.seed}{variant}.pt")
     meta_path = path[:-3] + ".json"
     if os.path.exists(path) and os.path.exists(meta_path):
         with open(meta_path) as fh:
@@ -228,8 +251,15 @@ def cached_prior(args, label, points, form, log):
                       seed=derived_seed(args.seed, "train", label, form),
                       **gp_hyperparameters(form))
     draw_s = time.perf_counter() - tic
-    prior = DiffusionPrior.fit(draws, steps=args.train_steps, seed=0, progress=False,
-                               validation_fraction=0.1)
+    net = None
+    if args.width:
+        torch.manual_seed(derived_seed(args.seed, "net", label, form))
+        net = MLP((points.shape[0],), width=args.width)
+        if args.gaussian_skip:  # the zero start DiffusionPrior.fit gives its own networks
+            torch.nn.init.zeros_(net.out.weight)
+            torch.nn.init.zeros_(net.out.bias)
+    prior = DiffusionPrior.fit(draws, net=net, steps=args.train_steps, seed=0, progress=False,
+                               validation_fraction=0.1, gaussian_skip=args.gaussian_skip)
     hist = prior.training_history
     meta = {"train_s": hist["seconds"], "draw_s": draw_s,
             "val_loss": hist["val_loss"][-1][1] if hist["val_loss"] else None,
@@ -383,24 +413,26 @@ def score(methods, ref):
     return out
 
 
-def goal_met(s, wall, nuts_ess_s, d):
+def goal_met(s, wall, nuts_ess_s, numpyro_ess_s, d):
     if d < 256:
         return "–"
     ess_s = s["ess"] / wall
     checks = {"mean": s["abs_smd"] <= 0.1, "sd": abs(s["sd_ratio"] - 1) <= 0.1,
-              "cov": 0.85 <= s["cov_ref_in"] <= 0.95, "speed": ess_s >= 100 * nuts_ess_s}
+              "cov": 0.85 <= s["cov_ref_in"] <= 0.95, "x100 Pyro": ess_s >= 100 * nuts_ess_s}
+    if numpyro_ess_s is not None:
+        checks["x10 NumPyro"] = ess_s >= 10 * numpyro_ess_s
     failed = [k for k, ok in checks.items() if not ok]
     return "yes" if not failed else "no (" + ", ".join(failed) + ")"
 
 
-def fmt_row(label, form, lik, method, size, wall, s, ess_s, ratio, note):
+def fmt_row(label, form, lik, method, size, wall, s, ess_s, ratio, ratio_numpyro, note):
     return [label, form, lik, method, size, f"{wall:.1f}", f"{s['abs_smd']:.3f}",
             f"{s['max_abs_smd']:.3f}",
             f"{s['sd_ratio']:.3f} ({s['sd_min']:.2f}-{s['sd_max']:.2f})",
             f"{s['cov_ref_in']:.3f}", f"{s['cov_in_ref']:.3f}", f"{s['ess']:.0f}",
             f"{s['rhat']:.3f}" if math.isfinite(s["rhat"]) else "–",
             f"{ess_s:.1f}" if ess_s is not None else "–",
-            ratio, note]
+            ratio, ratio_numpyro, note]
 
 
 # --- main -------------------------------------------------------------------------------------
@@ -434,7 +466,7 @@ def main(argv=None):
     prior_rows, rows = [], []
     header = ["d", "form", "lik", "method", "draws / steps", "wall s", "abs smd mean",
               "abs smd max", "sd ratio (min-max)", "cov90 ref in m", "cov90 m in ref", "min ESS",
-              "max R-hat", "ESS/s", "x Pyro", "goal (d >= 256) / notes"]
+              "max R-hat", "ESS/s", "x Pyro", "x NumPyro", "goal (d >= 256) / notes"]
     for label, points in grids:
         d = points.shape[0]
         sqdist = squared_distances(points)
@@ -504,6 +536,8 @@ def main(argv=None):
                     for tag_, p_ in candidates:
                         run = DiffusionLangevin(diffusion_model, num_samples=args.num_samples,
                                                 num_steps=steps,
+                                                denoise_steps=args.denoise_steps,
+                                                preconditioner=args.preconditioner,
                                                 batch_size=args.num_samples // args.batches,
                                                 progress=False,
                                                 seed=derived_seed(args.seed, "langevin", label,
@@ -511,23 +545,28 @@ def main(argv=None):
                         run.run(p_, lik, y.float())
                         name = f"diffusion {tag_} {steps}"
                         methods[name] = batch_result(
-                            run, f"{args.num_samples} / {steps}+{run.denoise_steps}",
-                            f"rho_min {run.rho_min_used:.3g}, {run.divergences} divergences")
+                            run, f"{args.num_samples} / {steps}+{run.denoise_steps_used}",
+                            f"{run.preconditioner_used}, rho_min {run.rho_min_used:.3g}, "
+                            f"{run.divergences} divergences")
                         log(f"  {name}: {run.wall_time:.1f} s")
                 scores = score(methods, ref)
                 rs = scores["reference"]
                 rows.append(fmt_row(label, form, lik, "reference (Pyro NUTS)",
                                     tag.replace("x", "x(") + ")", ref_wall, rs,
-                                    rs["ess"] / ref_wall, "–", f"{ref_div} divergences"))
+                                    rs["ess"] / ref_wall, "–", "–", f"{ref_div} divergences"))
                 nuts_ess_s = scores["Pyro NUTS"]["ess"] / methods["Pyro NUTS"]["wall"]
+                numpyro_ess_s = (scores["NumPyro NUTS"]["ess"] / methods["NumPyro NUTS"]["wall"]
+                                 if "NumPyro NUTS" in methods else None)
                 for name, m in methods.items():
                     s = scores[name]
                     ess_s = s["ess"] / m["wall"]
                     note = m["note"]
                     if name.startswith("diffusion"):
-                        note = goal_met(s, m["wall"], nuts_ess_s, d) + f"; {note}"
+                        note = goal_met(s, m["wall"], nuts_ess_s, numpyro_ess_s, d) + f"; {note}"
                     rows.append(fmt_row(label, form, lik, name, m["size"], m["wall"], s, ess_s,
-                                        f"{ess_s / nuts_ess_s:.1f}", note))
+                                        f"{ess_s / nuts_ess_s:.1f}",
+                                        "–" if numpyro_ess_s is None
+                                        else f"{ess_s / numpyro_ess_s:.1f}", note))
                     log("  " + " | ".join(map(str, rows[-1][3:])))
     prior_header = ["d", "form", "train draws", "train steps", "train s", "val loss",
                     "cov rel. error", "floor", "sd ratio"]

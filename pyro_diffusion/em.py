@@ -41,7 +41,7 @@ from .guidance import (
 from .likelihood import ModelLikelihood
 from .networks import default_network
 from .posterior import DiffusionPosterior
-from .preconditioning import EDMDenoiser
+from .preconditioning import EDMDenoiser, use_gaussian_skip
 from .prior import DiffusionPrior
 from .serialization import module_from_dict, module_to_dict
 from .training import train_denoiser
@@ -160,8 +160,8 @@ class _Settings(dict):
 def fit_prior(model, data, *, event_shape, laps=8, prior=None, guidance="auto",
               samples_per_observation=1, train_steps=2000, batch_size=256, lr=2e-3,
               net=None, num_steps=64, sampler="ancestral", e_batch_size=2048,
-              gaussian_rounds=None, prior_settings=None, checkpoint_dir=None, resume=True,
-              callback=None, device=None, seed=0, progress=True):
+              gaussian_rounds=None, gaussian_skip=False, prior_settings=None, checkpoint_dir=None,
+              resume=True, callback=None, device=None, seed=0, progress=True):
     r"""Learn a :class:`~pyro_diffusion.DiffusionPrior` from observations alone, by EM.
 
     :param callable model: ``model(prior, **chunk)``: a Pyro model with one sample site
@@ -189,6 +189,9 @@ def fit_prior(model, data, *, event_shape, laps=8, prior=None, guidance="auto",
     :param int e_batch_size: observations per E-step batch (bounds memory).
     :param int gaussian_rounds: EM rounds of the Gaussian initialisation (default 32 in
         closed form for linear-Gaussian sites, 4 Monte Carlo rounds otherwise).
+    :param bool gaussian_skip: the network learns only the non-Gaussian part of the field, on
+        top of the Wiener filter of each lap's samples (see
+        :meth:`DiffusionPrior.fit <pyro_diffusion.DiffusionPrior.fit>`).
     :param dict prior_settings: sampling settings of the returned prior (``num_steps``,
         ``sampler``, ...).
     :param str checkpoint_dir: if given, the state after the initialisation and after every
@@ -215,7 +218,8 @@ def fit_prior(model, data, *, event_shape, laps=8, prior=None, guidance="auto",
         samples_per_observation=int(samples_per_observation), train_steps=int(train_steps),
         batch_size=int(batch_size), lr=float(lr), net=net if isinstance(net, str) or net is None
         else type(net).__name__, num_steps=int(num_steps), sampler=sampler,
-        e_batch_size=int(e_batch_size), gaussian_rounds=gaussian_rounds, seed=int(seed),
+        e_batch_size=int(e_batch_size), gaussian_rounds=gaussian_rounds,
+        gaussian_skip=gaussian_skip, seed=int(seed),
         data=_fingerprint(data), start_prior=prior is not None,
         prior_settings=sorted((prior_settings or {}).items()))
     run = _EMRun(model, data, n_obs, event_shape, settings, guidance, net, prior_settings or {},
@@ -347,8 +351,10 @@ class _EMRun:
                 mean, cov = _gaussian_moments(x)
         # The first network's standardisation comes from the Gaussian; lap 1 refits it.
         samples = self._gaussian_prior(mean, cov).denoiser.sample_data(max(self.n_obs, 1024))
-        network = default_network(self.event_shape, self.net).to(self.device)
-        denoiser = EDMDenoiser.from_samples(network, samples).to(self.device)
+        skip = use_gaussian_skip(self.event_shape, self.settings["gaussian_skip"])
+        network = default_network(self.event_shape, self.net, zero_output=skip).to(self.device)
+        denoiser = EDMDenoiser.from_samples(network, samples, gaussian_skip=skip)
+        denoiser = denoiser.to(self.device)
         metrics = {"lap": 0, "seconds": time.perf_counter() - start,
                    "gaussian_rounds": float(rounds), "closed_form": float(closed_form),
                    "mean_norm": float(mean.norm()), "cov_trace": float(cov.trace())}
@@ -372,13 +378,11 @@ class _EMRun:
         e_seconds = time.perf_counter() - start
         mean, cov = _gaussian_moments(x)
         denoiser = copy.deepcopy(state["denoiser"]).requires_grad_(True)
-        # Refit the standardisation to the new samples; the network adapts in the M-step.
-        std = x.reshape(x.shape[0], -1).var(0, unbiased=False).mean().sqrt().item()
-        if not std > 0:
+        # Refit the standardisation (and the Gaussian skip) to the new samples; the network
+        # adapts in the M-step.
+        if not x.reshape(x.shape[0], -1).var(0).sum() > 0:
             raise FloatingPointError(f"the E-step samples of lap {lap} collapsed to a point")
-        with torch.no_grad():
-            denoiser.mean.copy_(mean.reshape(self.event_shape).to(denoiser.mean.dtype))
-        denoiser.std = std
+        denoiser.set_statistics(x)
         ema, history = train_denoiser(
             denoiser, x, steps=self.settings["train_steps"],
             batch_size=self.settings["batch_size"], lr=self.settings["lr"],

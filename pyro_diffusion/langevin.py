@@ -36,6 +36,16 @@ destabilise it. Momentum damping makes smooth, weakly identified directions (lar
 variance) travel ballistically rather than diffusively, in :math:`O(s / \rho)` steps for
 posterior sd :math:`s` instead of :math:`O(s^2 / \rho^2)`.
 
+When the prior has a Gaussian part :math:`N(m, U \Lambda U^\top)` (a trained
+:class:`~pyro_diffusion.EDMDenoiser` with its default Gaussian skip, an exact Gaussian
+denoiser), the dynamics run in the coordinates :math:`a = U^\top (x - m)` with the mass
+:math:`1/(\lambda_k + \rho^2) + (U^\top {\rm diag}(h)\, U)_{kk}` for likelihood curvature
+:math:`h`: the blurred prior's own precision in each direction instead of its largest one,
+:math:`1/\rho^2`. Smooth directions then need :math:`O(1)` steps instead of
+:math:`O(\sqrt{\lambda_k} / \rho)`, and chains start from the Gaussian part blurred by
+``rho_max``: on GP fields of 256 points 50 steps do what the diagonal mass needs 200 for
+(``bench/vs_nuts.py``).
+
 The result is approximate in two controlled ways: the blur :math:`\rho_{\min}` (smaller is more
 exact and mixes slower) and the unadjusted Langevin discretisation (smaller ``step_size`` is
 more exact). Neither depends on how well a guidance approximates :math:`p(y \mid x_\sigma)`.
@@ -47,15 +57,16 @@ for those.
 
 With a *learned* denoiser the dynamics lean on the network's score at noise :math:`\rho` in
 every direction, including the smooth ones that carry a field's large-scale uncertainty, and
-those are what a denoiser learns worst at small noise: on the GP priors of
-``bench/vs_nuts.py`` the trained MLP's score at :math:`\rho = 0.1` is within 5-14 % of the
-exact one overall but off by 22 % (1-D grid) to 180 % (2-D grid) in the 20 smoothest
-directions. The reverse process barely feels that (it takes the large-scale structure from the
-high noise levels), while Langevin dynamics at fixed noise integrates it wherever the data
-leave the field free (a patch of zero counts): on the 2-D grid such a patch drifted to several
-times the reference posterior's spread, where the same sampler with the exact GP denoiser
-matched NUTS. Use it with exact or structured denoisers, or check a learned one on a stand-in
-problem with an exact prior (or NUTS) first (``bench/score_error.py`` measures the score error).
+those are what a plain network learns worst at small noise: on the GP priors of
+``bench/vs_nuts.py`` a trained MLP without the Gaussian skip has a score at
+:math:`\rho = 0.1` within 5-14 % of the exact one overall but off by 22 % (1-D grid) to 180 %
+(2-D grid) in the 20 smoothest directions, and Langevin dynamics at fixed noise integrates that
+error wherever the data leave the field free (a patch of zero counts drifted to several times
+the reference posterior's spread). The Gaussian skip of
+:class:`~pyro_diffusion.EDMDenoiser` (the default for fields) removes most of it (0.3-3.6 %
+in the smooth directions), and the sampler then matches NUTS with learned priors too. For a
+network trained without it, check on a stand-in problem with an exact prior (or NUTS) first
+(``bench/score_error.py`` measures the score error).
 
 On a Gaussian prior with Gaussian observations the target is closed form (the test suite checks
 it), and on GP fields with 256 Poisson or Binomial counts it matches long NUTS runs with the
@@ -79,7 +90,37 @@ from tqdm.auto import tqdm
 
 from .noise_grid import noise_grid
 from .posterior import BatchPosterior
+from .preconditioning import shrunk_covariance
 from .samplers import reverse_sample
+
+PRECONDITIONERS = ("auto", "gaussian", "diagonal")
+#: Default Langevin steps and final denoising steps for each preconditioner.
+DEFAULT_STEPS = {"gaussian": 50, "diagonal": 200}
+DEFAULT_DENOISE_STEPS = {"gaussian": 8, "diagonal": 32}
+
+
+def gaussian_part(prior):
+    """``(mean (d,), eigenvalues (d,), eigenvectors (d, d))`` of the prior's denoiser's own
+    Gaussian part, in the data's units, or ``None`` when it has none."""
+    den = prior.denoiser
+    if getattr(den, "gaussian_skip", False):
+        return (den.mean.reshape(-1), den.skip_eigenvalues * den.std ** 2, den.skip_basis)
+    evals, evecs = getattr(den, "evals", None), getattr(den, "evecs", None)
+    if isinstance(evals, torch.Tensor) and isinstance(evecs, torch.Tensor) \
+            and evecs.dim() == 2 and evals.shape == evecs.shape[-1:] \
+            and evecs.shape[0] == prior.event_shape.numel():
+        return den.data_mean.reshape(-1), evals, evecs
+    return None
+
+
+def estimated_gaussian(prior, num_draws):
+    """Mean and eigendecomposition of the covariance of ``num_draws`` prior draws."""
+    with torch.no_grad():
+        x = prior.sample((num_draws,)).reshape(num_draws, -1)
+    mean = x.mean(0)
+    evals, evecs = torch.linalg.eigh(shrunk_covariance((x - mean).cpu()))
+    evals = evals.clamp(min=1e-10 * float(evals.max().clamp(min=1e-30)))
+    return mean, evals.to(x), evecs.to(x)
 
 
 def _positive(value, name):
@@ -102,6 +143,7 @@ class DiffusionLangevin(BatchPosterior):
     :param int num_samples: posterior draws (independent chains of the dynamics).
     :param int num_steps: Langevin steps per draw; each costs one denoiser evaluation and
         two passes through the likelihood. The final denoising adds ``denoise_steps``.
+        Default 50 with the Gaussian preconditioner, 200 with the diagonal one.
     :param float rho_max: the blur at the start of the annealing (default: the denoiser's
         ``data_std``, else 1).
     :param float rho_min: the blur at the end (default: ``0.1 * data_std``). The draws target
@@ -118,7 +160,20 @@ class DiffusionLangevin(BatchPosterior):
     :param float persistence: the fraction of the momentum kept at each step (0: overdamped
         Langevin; close to 1: Hamiltonian-like, less random-walk behaviour).
     :param int denoise_steps: ancestral reverse steps from ``rho_min`` to 0 for the final draw
-        of :math:`z \mid x`.
+        of :math:`z \mid x`. Default 8 with the Gaussian preconditioner, 32 with the diagonal
+        one.
+    :param str preconditioner: ``"gaussian"``: run the dynamics in the eigenbasis of a
+        Gaussian approximation :math:`N(m, U \Lambda U^\top)` of the prior, with mass
+        :math:`1/(\lambda_k + \rho^2)` plus the likelihood's curvature in that basis, and start
+        the chains from that Gaussian blurred by ``rho_max``. The prior's smooth and rough
+        directions then move at the same pace, which takes far fewer steps on fields. The
+        Gaussian comes from the denoiser when it has one (an
+        :class:`~pyro_diffusion.EDMDenoiser` with the Gaussian skip, a
+        :class:`~pyro_diffusion.GaussianDenoiser`), else from the mean and covariance of
+        ``max(2 d, 1000)`` prior draws. ``"diagonal"``: the mass
+        :math:`1/\rho^2` plus the likelihood's curvature per coordinate (for priors far from
+        Gaussian). ``"auto"`` (default): ``"gaussian"`` when the denoiser has a Gaussian part,
+        else ``"diagonal"``.
     :param int batch_size: draws per batch; each batch is independent and becomes one ArviZ
         chain.
     :param device: where to sample (default: the prior's device).
@@ -127,18 +182,20 @@ class DiffusionLangevin(BatchPosterior):
 
     After :meth:`run`, ``wall_time`` holds the seconds spent, ``divergences`` the number of
     chain-steps that produced a non-finite state and were undone (their momentum is redrawn),
-    and ``num_evaluations`` the denoiser evaluations per draw.
+    ``num_evaluations`` the denoiser evaluations per draw, and ``preconditioner_used``,
+    ``num_steps_used``, ``denoise_steps_used``, ``rho_min_used`` and ``rho_max_used`` the
+    settings the defaults resolved to.
     """
 
-    def __init__(self, model, num_samples=1000, num_steps=200, *, rho_max=None, rho_min=None,
-                 anneal=0.5, step_size=0.5, persistence=0.8, denoise_steps=32, batch_size=1000,
-                 device=None, seed=None, progress=True):
+    def __init__(self, model, num_samples=1000, num_steps=None, *, rho_max=None, rho_min=None,
+                 anneal=0.5, step_size=0.5, persistence=0.8, denoise_steps=None,
+                 preconditioner="auto", batch_size=1000, device=None, seed=None, progress=True):
         self.model = model
         self.num_samples = int(num_samples)
         self.batch_size = int(batch_size)
         self._check_sizes()
-        self.num_steps = int(num_steps)
-        if self.num_steps < 1:
+        self.num_steps = None if num_steps is None else int(num_steps)
+        if self.num_steps is not None and self.num_steps < 1:
             raise ValueError(f"num_steps must be at least 1, got {num_steps}")
         self.rho_max = None if rho_max is None else _positive(rho_max, "rho_max")
         self.rho_min = None if rho_min is None else _positive(rho_min, "rho_min")
@@ -151,9 +208,13 @@ class DiffusionLangevin(BatchPosterior):
         self.persistence = float(persistence)
         if not 0.0 <= self.persistence < 1.0:
             raise ValueError(f"persistence must be in [0, 1), got {persistence}")
-        self.denoise_steps = int(denoise_steps)
-        if self.denoise_steps < 1:
+        self.denoise_steps = None if denoise_steps is None else int(denoise_steps)
+        if self.denoise_steps is not None and self.denoise_steps < 1:
             raise ValueError(f"denoise_steps must be at least 1, got {denoise_steps}")
+        if preconditioner not in PRECONDITIONERS:
+            raise ValueError(f"preconditioner must be one of {', '.join(PRECONDITIONERS)}, got "
+                             f"{preconditioner!r}")
+        self.preconditioner = preconditioner
         self.device = device
         self.seed = seed
         self.progress = progress
@@ -161,6 +222,24 @@ class DiffusionLangevin(BatchPosterior):
         self.num_evaluations = None
 
     def _prepare(self, lik, prior):
+        self.divergences = 0
+        self._gaussian = None
+        extra = 0
+        if self.preconditioner != "diagonal":
+            part = gaussian_part(prior)
+            if part is None and self.preconditioner == "gaussian":
+                draws = max(2 * prior.event_shape.numel(), 1000)
+                part = estimated_gaussian(prior, draws)
+                extra = prior.num_evaluations * draws / self.num_samples
+            if part is not None:
+                self._gaussian = tuple(t.to(device=prior.device, dtype=prior.dtype)
+                                       for t in part)
+        gaussian = self._gaussian is not None
+        self.preconditioner_used = "gaussian" if gaussian else "diagonal"
+        steps = self.num_steps or (DEFAULT_STEPS["gaussian" if gaussian else "diagonal"])
+        denoise = self.denoise_steps or (DEFAULT_DENOISE_STEPS["gaussian" if gaussian
+                                                               else "diagonal"])
+        self.num_steps_used, self.denoise_steps_used = steps, denoise
         scale = float(getattr(prior.denoiser, "data_std", 1.0))
         self.rho_max_used = self.rho_max if self.rho_max is not None else scale
         self.rho_min_used = self.rho_min if self.rho_min is not None else 0.1 * scale
@@ -170,16 +249,15 @@ class DiffusionLangevin(BatchPosterior):
         if self.rho_min_used < prior.sigma_min:
             raise ValueError(f"rho_min ({self.rho_min_used:.4g}) is below the prior's sigma_min "
                              f"({prior.sigma_min:.4g}), where its denoiser was not trained")
-        n_anneal = max(1, round(self.anneal * self.num_steps))
+        n_anneal = max(1, round(self.anneal * steps))
         log_rhos = torch.linspace(math.log(self.rho_max_used), math.log(self.rho_min_used),
                                   n_anneal, dtype=torch.float64)
         rhos = log_rhos.exp().tolist()
-        self._rhos = (rhos + [self.rho_min_used] * self.num_steps)[:self.num_steps]
-        self._num_anneal = min(n_anneal, self.num_steps)
-        self._final_sigmas = noise_grid(self.denoise_steps, prior.sigma_min, self.rho_min_used,
+        self._rhos = (rhos + [self.rho_min_used] * steps)[:steps]
+        self._num_anneal = min(n_anneal, steps)
+        self._final_sigmas = noise_grid(denoise, prior.sigma_min, self.rho_min_used,
                                         prior.rho, dtype=prior.dtype, device=prior.device)
-        self.num_evaluations = self.num_steps + 1 + self.denoise_steps
-        self.divergences = 0
+        self.num_evaluations = steps + 1 + denoise + extra
 
     def _force(self, lik, prior, x, rho, curvature=True):
         r"""The gradient of :math:`\log p_\rho(x) + \log p(y \mid x)` and, with
@@ -203,17 +281,57 @@ class DiffusionLangevin(BatchPosterior):
         h, keep = self.step_size, self.persistence
         refresh = math.sqrt(1.0 - keep ** 2)
         rhos = self._rhos
-        mean = getattr(prior.denoiser, "data_mean", 0.0)
-        mean = torch.as_tensor(mean, dtype=prior.dtype, device=prior.device)
-        x = mean + rhos[0] * torch.randn((size,) + prior.event_shape, dtype=prior.dtype,
-                                         device=prior.device)
-        flat = (size, -1)
-        batch_dims = (size,) + (1,) * (x.dim() - 1)
-        force, square = self._force(lik, prior, x, rhos[0])
-        bad = ~torch.isfinite(force.reshape(flat)).all(-1)
+        shape = (size,) + prior.event_shape
+        if self._gaussian is not None:
+            # Coordinates a = U^T (x - m): the prior's Gaussian part is diagonal there.
+            m, lam, basis = self._gaussian
+            basis2 = basis.square()
+
+            def to_x(a):
+                return (m + a @ basis.T).reshape(shape)
+
+            def to_coords(g):
+                return g.reshape(size, -1) @ basis
+
+            def prior_mass(rho):
+                return 1.0 / (lam + rho ** 2)
+
+            def curvature(c):  # diagonal of U^T diag(c) U
+                return c @ basis2
+
+            a = torch.randn((size, lam.shape[0]), dtype=prior.dtype, device=prior.device) \
+                * (lam + rhos[0] ** 2).sqrt()
+            start = torch.zeros_like(a)
+        else:
+            mean = getattr(prior.denoiser, "data_mean", 0.0)
+            mean = torch.as_tensor(mean, dtype=prior.dtype, device=prior.device)
+
+            def to_x(a):
+                return (mean.reshape(-1) + a).reshape(shape)
+
+            def to_coords(g):
+                return g.reshape(size, -1)
+
+            def prior_mass(rho):
+                return 1.0 / rho ** 2
+
+            def curvature(c):
+                return c
+
+            a = rhos[0] * torch.randn((size, prior.event_shape.numel()), dtype=prior.dtype,
+                                      device=prior.device)
+            start = torch.zeros_like(a)
+
+        def force_at(a, rho, curv=True):
+            force, square = self._force(lik, prior, to_x(a), rho, curvature=curv)
+            return to_coords(force), torch.nan_to_num(square.reshape(size, -1), nan=0.0,
+                                                      posinf=0.0)
+
+        force, square = force_at(a, rhos[0])
+        bad = ~torch.isfinite(force).all(-1)
         if bool(bad.any()):  # start those chains at the prior mean instead
-            x = torch.where(bad.reshape(batch_dims), mean.expand_as(x), x)
-            force, square = self._force(lik, prior, x, rhos[0])
+            a = torch.where(bad[:, None], start, a)
+            force, square = force_at(a, rhos[0])
             if not bool(torch.isfinite(force).all()):
                 raise ValueError(
                     f"the gradient of the log-likelihood is not finite at the prior mean of "
@@ -223,35 +341,34 @@ class DiffusionLangevin(BatchPosterior):
         # of (H xi)^2, i.e. the norm of each Hessian row (|H_ii| when observations depend on
         # one coordinate each). It adapts during the annealing and is frozen afterwards, so the
         # dynamics at rho_min has a fixed mass matrix.
-        square = torch.nan_to_num(square, nan=0.0, posinf=0.0)
         row2 = square
+        mass = prior_mass(rhos[0]) + curvature(square.sqrt())
+        v = torch.randn_like(a) / mass.sqrt()
         frozen = False
-        v = torch.randn_like(x) * rhos[0]
         for i, rho in enumerate(tqdm(rhos, desc=desc, disable=not self.progress, leave=False)):
             if not frozen:  # the larger of the running average and the latest probe
-                mass = 1.0 / rho ** 2 + torch.maximum(row2, square).sqrt()
+                mass = prior_mass(rho) + curvature(torch.maximum(row2, square).sqrt())
                 frozen = i >= self._num_anneal
             # B A O A B
             v_new = v + 0.5 * h * force / mass
-            x_new = x + 0.5 * h * v_new
+            a_new = a + 0.5 * h * v_new
             v_new = keep * v_new + refresh * torch.randn_like(v_new) / mass.sqrt()
-            x_new = x_new + 0.5 * h * v_new
-            force_new, square = self._force(lik, prior, x_new, rho, curvature=not frozen)
-            square = torch.nan_to_num(square, nan=0.0, posinf=0.0)
+            a_new = a_new + 0.5 * h * v_new
+            force_new, square = force_at(a_new, rho, curv=not frozen)
             v_new = v_new + 0.5 * h * force_new / mass
-            ok = torch.isfinite(x_new.reshape(flat)).all(-1) \
-                & torch.isfinite(force_new.reshape(flat)).all(-1) \
-                & torch.isfinite(v_new.reshape(flat)).all(-1)
+            ok = torch.isfinite(a_new).all(-1) & torch.isfinite(force_new).all(-1) \
+                & torch.isfinite(v_new).all(-1)
             if not bool(ok.all()):
                 self.divergences += int((~ok).sum())
-                keep_mask = ok.reshape(batch_dims)
+                keep_mask = ok[:, None]
                 fresh = torch.randn_like(v) / mass.sqrt()
-                x_new = torch.where(keep_mask, x_new, x)
+                a_new = torch.where(keep_mask, a_new, a)
                 v_new = torch.where(keep_mask, v_new, fresh)
                 force_new = torch.where(keep_mask, force_new, force)
                 square = torch.where(keep_mask, square, row2)
-            x, v, force = x_new, v_new, force_new
+            a, v, force = a_new, v_new, force_new
             if not frozen:
                 row2 = 0.8 * row2 + 0.2 * square
         with torch.no_grad():
-            return reverse_sample(prior.denoise, x, self._final_sigmas, sampler="ancestral")
+            return reverse_sample(prior.denoise, to_x(a), self._final_sigmas,
+                                  sampler="ancestral")

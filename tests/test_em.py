@@ -31,7 +31,8 @@ def gaussian_projections(N=2000, d=4, m=2, noise=0.1, seed=0):
     return mean, cov, {"A": A, "y": y}
 
 
-def test_gaussian_truth_through_random_projections():
+@pytest.mark.parametrize("gaussian_skip", [False, True])
+def test_gaussian_truth_through_random_projections(gaussian_skip):
     mean, cov, data = gaussian_projections()
     seen = {}
 
@@ -44,7 +45,8 @@ def test_gaussian_truth_through_random_projections():
             seen[lap] = x.mean(0), x.T.cov()
 
     prior = fit_prior(projection_model(0.1), data, event_shape=(4,), laps=1, train_steps=800,
-                      callback=callback, progress=False, seed=0)
+                      callback=callback, progress=False, seed=0, gaussian_skip=gaussian_skip)
+    assert prior.denoiser.gaussian_skip == gaussian_skip
     assert [h["lap"] for h in prior.fit_history] == [0, 1]
 
     def errors(lap):
@@ -150,24 +152,26 @@ class _Stop(Exception):
     pass
 
 
-def test_interrupted_run_resumes_to_the_same_prior(tmp_path):
-    full = _fit(tmp_path / "full", laps=2)
+@pytest.mark.parametrize("gaussian_skip", [False, True])
+def test_interrupted_run_resumes_to_the_same_prior(tmp_path, gaussian_skip):
+    full = _fit(tmp_path / "full", laps=2, gaussian_skip=gaussian_skip)
 
     def stop_after_first(lap, prior, metrics):
         if lap == 1:
             raise _Stop
 
     with pytest.raises(_Stop):
-        _fit(tmp_path / "cut", laps=2, callback=stop_after_first)
+        _fit(tmp_path / "cut", laps=2, callback=stop_after_first, gaussian_skip=gaussian_skip)
     ck = torch.load(tmp_path / "cut" / CHECKPOINT_NAME, weights_only=True)
     assert ck["lap"] == 1
-    resumed = _fit(tmp_path / "cut", laps=2)
+    resumed = _fit(tmp_path / "cut", laps=2, gaussian_skip=gaussian_skip)
+    assert resumed.denoiser.gaussian_skip == gaussian_skip
     for a, b in zip(full.denoiser.state_dict().values(), resumed.denoiser.state_dict().values(),
                     strict=True):
         assert torch.equal(a, b)
     assert [h["lap"] for h in resumed.fit_history] == [0, 1, 2]
     # More laps later continue from the saved ones; a finished run just loads.
-    again = _fit(tmp_path / "cut", laps=2)
+    again = _fit(tmp_path / "cut", laps=2, gaussian_skip=gaussian_skip)
     assert torch.equal(next(iter(again.denoiser.state_dict().values())),
                        next(iter(full.denoiser.state_dict().values())))
 

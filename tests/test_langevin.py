@@ -25,7 +25,11 @@ def gaussian_posterior(mean, cov, A, noise_cov, y):
     return post_mean, post_cov
 
 
-def test_gaussian_target_is_the_blurred_posterior():
+PRECONDITIONERS = pytest.mark.parametrize("preconditioner", ["diagonal", "gaussian"])
+
+
+@PRECONDITIONERS
+def test_gaussian_target_is_the_blurred_posterior(preconditioner):
     # A dense 2 x 4 observation couples the coordinates (the Hessian probe is then unbiased,
     # not exact); the target is N(y; A z, s^2 I + rho^2 A A^T) times the prior.
     d = 4
@@ -44,7 +48,9 @@ def test_gaussian_target_is_the_blurred_posterior():
 
     rho = 0.1
     post = DiffusionLangevin(model, num_samples=4000, num_steps=300, rho_min=rho,
-                             batch_size=2000, seed=0, progress=False).run(prior, y)
+                             batch_size=2000, seed=0, progress=False,
+                             preconditioner=preconditioner).run(prior, y)
+    assert post.preconditioner_used == preconditioner
     f = post.get_samples()["f"]
     target_mean, target_cov = gaussian_posterior(
         mean, cov, A, scale ** 2 * torch.eye(2, dtype=F64) + rho ** 2 * A @ A.T, y)
@@ -56,7 +62,8 @@ def test_gaussian_target_is_the_blurred_posterior():
     target_corr = target_cov / (sd[:, None] * sd[None])
     assert (corr - target_corr).abs().max() < 0.05
     assert post.divergences == 0
-    assert post.num_evaluations == 300 + 1 + 32
+    assert post.denoise_steps_used == {"diagonal": 32, "gaussian": 8}[preconditioner]
+    assert post.num_evaluations == 300 + 1 + post.denoise_steps_used
     assert torch.allclose(post.get_samples()["total"], f.sum(-1))
     # The blur is small: the exact posterior itself is within 0.1 sd and 10 % as well.
     exact_mean, exact_cov = gaussian_posterior(mean, cov, A, scale ** 2 * torch.eye(2, dtype=F64),
@@ -76,11 +83,25 @@ def _quadrature_2d(mean, cov, log_lik, half_width=7.0, num=401):
     return post_mean, post_sd
 
 
+class _Opaque(torch.nn.Module):
+    """A denoiser that hides its Gaussian part (like a network without the Gaussian skip)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x, sigma):
+        return self.inner(x, sigma)
+
+
+@pytest.mark.parametrize("preconditioner", ["diagonal", "gaussian", "estimated"])
 @pytest.mark.parametrize("family", ["poisson", "binomial"])
-def test_counts_against_quadrature(family):
+def test_counts_against_quadrature(family, preconditioner):
     mean = torch.tensor([0.2, -0.3], dtype=F64)
     cov = torch.tensor([[0.8, 0.5], [0.5, 1.0]], dtype=F64)
     prior = DiffusionPrior(GaussianDenoiser(mean, cov), (2,))
+    if preconditioner == "estimated":  # from 1000 prior draws
+        prior = DiffusionPrior(_Opaque(prior.denoiser), (2,), sigma_max=prior.sigma_max)
     if family == "poisson":
         exposure = torch.tensor([3.0, 5.0], dtype=F64)
         y = torch.tensor([7.0, 0.0], dtype=F64)
@@ -102,14 +123,19 @@ def test_counts_against_quadrature(family):
     post_mean, post_sd = _quadrature_2d(mean, cov,
                                         lambda f: likelihood(f).log_prob(y).sum(-1))
     run = DiffusionLangevin(model, num_samples=4000, num_steps=300, rho_min=0.03,
-                            batch_size=2000, seed=1, progress=False).run(prior, y)
+                            batch_size=2000, seed=1, progress=False,
+                            preconditioner=preconditioner.replace("estimated", "gaussian"))
+    run.run(prior, y)
+    assert run.preconditioner_used == preconditioner.replace("estimated", "gaussian")
     f = run.get_samples()["f"]
     assert ((f.mean(0) - post_mean) / post_sd).abs().max() < 0.08
     assert (f.std(0) / post_sd - 1).abs().max() < 0.06
     assert run.divergences == 0
 
 
-def test_gp_field_matches_the_exact_posterior():
+@pytest.mark.parametrize("preconditioner,num_steps", [("diagonal", 200), ("gaussian", 200),
+                                                     ("gaussian", 40)])
+def test_gp_field_matches_the_exact_posterior(preconditioner, num_steps):
     # A smooth GP on 32 points, each seen with Gaussian noise: smooth directions have large
     # posterior variance and rough ones almost none, the case the momentum and the mass matrix
     # are for. The exact posterior is closed form; the blur (0.02 against noise 0.2) is 1 %.
@@ -131,8 +157,10 @@ def test_gp_field_matches_the_exact_posterior():
                                                torch.eye(d, dtype=F64),
                                                scale ** 2 * torch.eye(d, dtype=F64), y)
     sd = exact_cov.diagonal().sqrt()
-    lang = DiffusionLangevin(model, num_samples=2000, num_steps=200, rho_min=0.02,
-                             seed=0, progress=False).run(prior, y)
+    # The Gaussian preconditioner moves smooth and rough directions at one pace: 40 steps
+    # do what the diagonal mass needs about 200 for.
+    lang = DiffusionLangevin(model, num_samples=2000, num_steps=num_steps, rho_min=0.02,
+                             seed=0, progress=False, preconditioner=preconditioner).run(prior, y)
     f = lang.get_samples()["f"]
     smd = ((f.mean(0) - exact_mean) / sd).abs()
     ratio = f.std(0) / sd
@@ -175,9 +203,12 @@ def test_seeded_runs_repeat_and_settings_are_checked():
         DiffusionLangevin(model).get_samples()
 
 
-def test_non_finite_steps_are_undone():
+@pytest.mark.parametrize("preconditioner,step_size", [("diagonal", 1.9), ("gaussian", 1.4)])
+def test_non_finite_steps_are_undone(preconditioner, step_size):
     # The likelihood and its gradient are NaN beyond |f| = 3 and the posterior sits just inside:
-    # steps that cross are undone (momentum redrawn) and counted; every draw is finite.
+    # steps that cross are undone (momentum redrawn) and counted; every draw is finite. (The
+    # Gaussian preconditioner's mass is exact here, the diagonal one's twice too large, so
+    # equal step sizes are not equally bold.)
     prior = DiffusionPrior(GaussianDenoiser(torch.zeros(1), torch.eye(1)), (1,))
     y = torch.tensor([2.9])
 
@@ -186,8 +217,8 @@ def test_non_finite_steps_are_undone():
         loc = f + 0.0 * (3.0 - f.abs()).sqrt()
         pyro.sample("y", dist.Normal(loc, 0.1).to_event(1), obs=y)
 
-    run = DiffusionLangevin(model, 200, 50, step_size=1.9, persistence=0.95, seed=0,
-                            progress=False).run(prior, y)
+    run = DiffusionLangevin(model, 200, 50, step_size=step_size, persistence=0.95, seed=0,
+                            preconditioner=preconditioner, progress=False).run(prior, y)
     f = run.get_samples()["f"]
     assert torch.isfinite(f).all()
     assert run.divergences > 0

@@ -3,7 +3,16 @@
 import pytest
 import torch
 
-from pyro_diffusion import MLP, EDMDenoiser, UNet, default_network
+from pyro_diffusion import (
+    MLP,
+    DiffusionPrior,
+    EDMDenoiser,
+    GaussianDenoiser,
+    UNet,
+    default_network,
+)
+
+from .conftest import random_cov
 
 
 @pytest.mark.parametrize("event_shape,kwargs", [
@@ -59,3 +68,71 @@ def test_standardisation_from_samples():
     assert den.std == pytest.approx(samples.var(0, unbiased=False).mean().sqrt().item())
     with pytest.raises(ValueError, match="identical"):
         EDMDenoiser.from_samples(MLP((3,)), torch.ones(10, 3))
+
+
+def _silenced(net):
+    """``net`` with a zero output layer: the denoiser is then its skip connection alone."""
+    out = net.out if hasattr(net, "out") else None
+    torch.nn.init.zeros_(out.weight)
+    torch.nn.init.zeros_(out.bias)
+    return net
+
+
+def test_gaussian_skip_is_the_wiener_filter_of_the_samples():
+    # With a silent network, D is the exact posterior mean of a Gaussian with the samples'
+    # (shrunk) mean and covariance, at every noise level, in the data's own units.
+    from pyro_diffusion.preconditioning import shrunk_covariance
+
+    torch.manual_seed(0)
+    d = 6
+    cov = random_cov(d, low=0.01, high=4.0, dtype=torch.float32)
+    mean = torch.linspace(-3.0, 3.0, d)
+    samples = mean + torch.randn(5000, d) @ torch.linalg.cholesky(cov).T
+    den = EDMDenoiser.from_samples(_silenced(MLP((d,), width=16, depth=1)), samples,
+                                   gaussian_skip=True)
+    assert den.gaussian_skip
+    centred = samples - samples.mean(0)
+    emp_cov = (shrunk_covariance(centred) * 1.0).float()
+    exact = GaussianDenoiser(samples.mean(0), emp_cov)
+    x = mean + 3 * torch.randn(7, d)
+    for s in [1e-6, 0.01, 0.3, 1.0, 10.0, 1e4]:
+        sigma = torch.full((7,), s)
+        torch.testing.assert_close(den(x, sigma), exact(x, sigma), atol=2e-4, rtol=2e-4)
+    torch.testing.assert_close(den(x, torch.full((7,), 1e-6)), x, atol=1e-4, rtol=0)
+    torch.testing.assert_close(den(x, torch.full((7,), 1e8)), samples.mean(0).expand(7, d),
+                               atol=1e-4, rtol=0)
+
+
+def test_ledoit_wolf_shrinkage():
+    from pyro_diffusion.preconditioning import shrunk_covariance
+
+    gen = torch.Generator().manual_seed(1)
+    cov = random_cov(40, low=0.1, high=2.0)
+    chol = torch.linalg.cholesky(cov)
+    # Many samples: the estimate is the sample covariance, up to a vanishing weight.
+    z = torch.randn(20000, 40, generator=gen, dtype=torch.float64) @ chol.T
+    z = z - z.mean(0)
+    sample_cov = z.T @ z / z.shape[0]
+    assert (shrunk_covariance(z) - sample_cov).norm() / sample_cov.norm() < 0.01
+    # Fewer samples than dimensions: positive definite and closer to the truth than S.
+    z = torch.randn(20, 40, generator=gen, dtype=torch.float64) @ chol.T
+    z = z - z.mean(0)
+    shrunk, sample_cov = shrunk_covariance(z), z.T @ z / z.shape[0]
+    assert torch.linalg.eigvalsh(shrunk).min() > 0
+    assert (shrunk - cov).norm() < 0.8 * (sample_cov - cov).norm()
+
+
+def test_gaussian_skip_is_opt_in_and_bounded():
+    samples = torch.randn(50, 3)
+    assert not EDMDenoiser.from_samples(MLP((3,)), samples).gaussian_skip
+    den = EDMDenoiser.from_samples(MLP((3,)), samples)
+    assert not hasattr(den, "skip_basis")
+    from pyro_diffusion import preconditioning
+
+    old = preconditioning.GAUSSIAN_SKIP_MAX_DIM
+    try:
+        preconditioning.GAUSSIAN_SKIP_MAX_DIM = 2
+        with pytest.raises(ValueError, match="3 x 3 eigenbasis"):
+            DiffusionPrior.fit(samples, steps=1, gaussian_skip=True, progress=False)
+    finally:
+        preconditioning.GAUSSIAN_SKIP_MAX_DIM = old

@@ -95,9 +95,12 @@ def test_default_noise_range_follows_the_data_scale():
     assert grid.shape == (prior.num_steps + 1,) and grid[-1] == 0
 
 
-def _trained_like_prior(net):
+def _trained_like_prior(net, gaussian_skip=False):
     torch.manual_seed(3)
-    den = EDMDenoiser(net, net.event_shape, mean=torch.randn(net.event_shape), std=2.5)
+    den = EDMDenoiser(net, net.event_shape, mean=torch.randn(net.event_shape), std=2.5,
+                      gaussian_skip=gaussian_skip)
+    if gaussian_skip:
+        den.set_statistics(torch.randn((200,) + net.event_shape).cumsum(-1))
     for p in den.parameters():  # make the weights non-trivial without training
         nn.init.normal_(p, std=0.05)
     return DiffusionPrior(den, net.event_shape, num_steps=6, sampler="ddim", eta=0.3)
@@ -105,6 +108,7 @@ def _trained_like_prior(net):
 
 @pytest.mark.parametrize("make", [
     lambda: _trained_like_prior(MLP((5,), width=32, depth=2)),
+    lambda: _trained_like_prior(MLP((5,), width=32, depth=2), gaussian_skip=True),
     lambda: _trained_like_prior(UNet((12,), channels=(8, 16))),
     lambda: _trained_like_prior(UNet((6, 10), channels=(8, 16))),
     lambda: DiffusionPrior(grid_mixture(d=3), (3,), num_steps=5),

@@ -3,6 +3,8 @@
 import math
 
 import numpy as np
+import pyro
+import pyro.distributions as dist
 import pytest
 import torch
 
@@ -118,3 +120,44 @@ def test_bad_validation_fraction():
         DiffusionPrior.fit(torch.randn(50, 2), steps=1, progress=False, validation_fraction=1.0)
     with pytest.raises(ValueError, match="after holding out"):
         DiffusionPrior.fit(torch.randn(10, 2), steps=1, progress=False, validation_fraction=0.5)
+
+
+@pytest.mark.slow
+def test_gaussian_skip_gives_a_posterior_that_matches_the_exact_one():
+    # A GP on 64 points seen with noise at every 4th point: the gaps are left to the prior's
+    # smooth directions at small noise, where a plain network's score is least accurate.
+    # DiffusionLangevin with the learned prior against the closed-form posterior of the true
+    # GP. Measured (1000 training steps): with the Gaussian skip mean |smd| 0.11, max 0.20, sd
+    # ratio 1.03 (0.99-1.06); the same network without it 0.25, max 0.79.
+    from pyro_diffusion import DiffusionLangevin
+
+    torch.manual_seed(0)
+    d = 64
+    t = torch.linspace(0, 1, d, dtype=torch.float64)
+    cov = torch.exp(-0.5 * (t[:, None] - t[None]) ** 2 / 0.1 ** 2) \
+        + 1e-4 * torch.eye(d, dtype=torch.float64)
+    gp = GaussianDenoiser(torch.zeros(d), cov.float())
+    prior = DiffusionPrior.fit(gp.sample_data(10000), steps=1000, seed=0, progress=False,
+                               gaussian_skip=True)
+    assert prior.denoiser.gaussian_skip
+    obs = torch.arange(0, d, 4)
+    gen = torch.Generator().manual_seed(1)
+    truth = torch.linalg.cholesky(cov) @ torch.randn(d, generator=gen, dtype=torch.float64)
+    y = truth[obs] + 0.3 * torch.randn(len(obs), generator=gen, dtype=torch.float64)
+    A = torch.eye(d, dtype=torch.float64)[obs]
+    post_cov = torch.linalg.inv(torch.linalg.inv(cov) + A.T @ A / 0.09)
+    post_mean = post_cov @ (A.T @ y / 0.09)
+    sd = post_cov.diagonal().sqrt()
+
+    def model(prior, y):
+        f = pyro.sample("f", prior)
+        with pyro.plate("obs", len(obs)):
+            pyro.sample("y", dist.Normal(f[..., obs], 0.3), obs=y)
+
+    run = DiffusionLangevin(model, 2000, seed=0, progress=False, rho_min=0.05)
+    f = run.run(prior, y.float()).get_samples()["f"].double()
+    assert run.preconditioner_used == "gaussian"
+    smd = ((f.mean(0) - post_mean) / sd).abs()
+    ratio = f.std(0) / sd
+    assert smd.mean() < 0.15 and smd.max() < 0.3
+    assert abs(ratio.mean() - 1) < 0.05 and (ratio - 1).abs().max() < 0.1
