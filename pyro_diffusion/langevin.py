@@ -229,7 +229,12 @@ class DiffusionLangevin(BatchPosterior):
             part = gaussian_part(prior)
             if part is None and self.preconditioner == "gaussian":
                 draws = max(2 * prior.event_shape.numel(), 1000)
-                part = estimated_gaussian(prior, draws)
+                # Seeded like the run (which seeds only after _prepare), global RNG untouched.
+                cuda = [prior.device] if prior.device.type == "cuda" else []
+                with torch.random.fork_rng(devices=cuda):
+                    if self.seed is not None:
+                        torch.manual_seed(self.seed)
+                    part = estimated_gaussian(prior, draws)
                 extra = prior.num_evaluations * draws / self.num_samples
             if part is not None:
                 self._gaussian = tuple(t.to(device=prior.device, dtype=prior.dtype)

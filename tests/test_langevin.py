@@ -189,9 +189,18 @@ def test_seeded_runs_repeat_and_settings_are_checked():
     a = DiffusionLangevin(model, 50, 20, seed=7, progress=False).run(prior, y)
     b = DiffusionLangevin(model, 50, 20, seed=7, progress=False).run(prior, y)
     assert torch.equal(a.get_samples()["f"], b.get_samples()["f"])
+    # Also when the Gaussian preconditioner is estimated from prior draws (and the global RNG
+    # is left as it was).
+    opaque = DiffusionPrior(_Opaque(prior.denoiser), prior.event_shape, num_steps=8)
+    state = torch.get_rng_state()
+    a, b = (DiffusionLangevin(model, 50, 20, seed=7, progress=False,
+                              preconditioner="gaussian").run(opaque, y) for _ in range(2))
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(a.get_samples()["f"], b.get_samples()["f"])
     for kwargs, match in [({"num_steps": 0}, "num_steps"), ({"step_size": 2.5}, "step_size"),
                           ({"persistence": 1.0}, "persistence"), ({"rho_min": -1}, "rho_min"),
                           ({"anneal": 1.5}, "anneal"), ({"denoise_steps": 0}, "denoise_steps"),
+                          ({"preconditioner": "dense"}, "preconditioner"),
                           ({"num_samples": 0}, "num_samples")]:
         with pytest.raises(ValueError, match=match):
             DiffusionLangevin(model, **kwargs)
