@@ -10,6 +10,7 @@ Usage (from the repository root)::
 
     python scripts/train_nc_sids_prior.py                 # the shipped settings
     python scripts/train_nc_sids_prior.py --steps 500 --out /tmp/prior.pt   # a quick try
+    python scripts/train_nc_sids_prior.py --gaussian-skip --steps 2000 --out /tmp/skip.pt
 """
 
 import argparse
@@ -32,6 +33,8 @@ def main(argv=None):
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--gaussian-skip", action="store_true",
+                        help="train with the Gaussian skip (the shipped prior has none)")
     parser.add_argument("--out", default=nc_sids_prior_path())
     args = parser.parse_args(argv)
     if args.threads:
@@ -41,7 +44,7 @@ def main(argv=None):
     train = sample_log_risk(args.num_train, sids.adjacency, seed=args.seed)
     prior = DiffusionPrior.fit(train, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                                seed=args.seed, validation_fraction=0.02, num_steps=64,
-                               sampler="heun")
+                               sampler="heun", gaussian_skip=args.gaussian_skip)
     fresh = sample_log_risk(20_000, sids.adjacency, seed=args.seed + 1000)
     torch.manual_seed(args.seed)
     draws = prior.sample((20_000,))
