@@ -90,7 +90,7 @@ from tqdm.auto import tqdm
 
 from .noise_grid import noise_grid
 from .posterior import BatchPosterior
-from .preconditioning import shrunk_covariance
+from .preconditioning import shrunk_eigh
 from .samplers import reverse_sample
 
 PRECONDITIONERS = ("auto", "gaussian", "diagonal")
@@ -118,8 +118,7 @@ def estimated_gaussian(prior, num_draws):
     with torch.no_grad():
         x = prior.sample((num_draws,)).reshape(num_draws, -1)
     mean = x.mean(0)
-    evals, evecs = torch.linalg.eigh(shrunk_covariance((x - mean).cpu()))
-    evals = evals.clamp(min=1e-10 * float(evals.max().clamp(min=1e-30)))
+    evals, evecs = shrunk_eigh((x - mean).cpu())
     return mean, evals.to(x), evecs.to(x)
 
 

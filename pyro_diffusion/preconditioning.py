@@ -80,6 +80,15 @@ def shrunk_covariance(z):
     return (1 - weight) * s + weight * mu * torch.eye(d, dtype=s.dtype, device=s.device)
 
 
+def shrunk_eigh(z):
+    r"""Eigenvalues and eigenvectors of :func:`shrunk_covariance` of centred rows ``z``,
+    float64, the eigenvalues floored at ``1e-10`` times the largest (no direction is exactly
+    noise-free, which keeps :math:`\lambda / (\lambda + \sigma^2)` defined at
+    :math:`\sigma = 0`)."""
+    evals, evecs = torch.linalg.eigh(shrunk_covariance(z))
+    return evals.clamp(min=1e-10 * float(evals.max().clamp(min=1e-30))), evecs
+
+
 @register_denoiser
 class EDMDenoiser(nn.Module):
     r"""Preconditioned denoiser ``D(x, sigma)`` around a noise-conditioned network.
@@ -139,10 +148,7 @@ class EDMDenoiser(nn.Module):
         self.mean.copy_(mean.to(self.mean.dtype))
         self.std = std
         if self.gaussian_skip:
-            cov = shrunk_covariance((centred / std).cpu())
-            evals, evecs = torch.linalg.eigh(cov)
-            # Floor: no direction is exactly noise-free (keeps lambda / (lambda + s^2) defined).
-            evals = evals.clamp(min=1e-10 * float(evals.max().clamp(min=1e-30)))
+            evals, evecs = shrunk_eigh((centred / std).cpu())
             self.skip_basis.copy_(evecs.to(self.skip_basis.dtype))
             self.skip_eigenvalues.copy_(evals.to(self.skip_eigenvalues.dtype))
         return self
