@@ -120,8 +120,8 @@ def parse_args(argv=None):
                         help="independent batches (= chains) of the diffusion draws")
     parser.add_argument("--steps", type=int, nargs="+", default=[100, 200],
                         help="reverse steps of the diffusion posterior (100 200)")
-    parser.add_argument("--langevin-steps", type=int, nargs="*", default=[50],
-                        help="DiffusionLangevin steps (50; none: skip it)")
+    parser.add_argument("--langevin-steps", type=int, nargs="*", default=[20],
+                        help="DiffusionLangevin steps (20; none: skip it)")
     parser.add_argument("--denoise-steps", type=int, default=None,
                         help="DiffusionLangevin's final denoising steps (default: its own, 8 "
                              "with the Gaussian preconditioner, 32 with the diagonal one)")

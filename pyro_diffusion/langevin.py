@@ -1,4 +1,4 @@
-r"""``DiffusionLangevin``: annealed kinetic Langevin posterior sampling with a diffusion prior.
+r"""``DiffusionLangevin``: kinetic Langevin posterior sampling with a diffusion prior.
 
 Guided reverse samplers (:class:`~pyro_diffusion.DiffusionPosterior`) approximate the
 likelihood of a *noisy* latent, and that approximation's error stays in the draws however many
@@ -25,9 +25,10 @@ Its two marginals and one conditional are all within reach of a denoiser :math:`
   the latent's scale).
 
 So the sampler runs underdamped Langevin dynamics (the BAOAB splitting of Leimkuhler and
-Matthews, 2013) on :math:`x` while :math:`\rho` falls geometrically from ``rho_max`` to
-``rho_min`` over the first ``anneal`` fraction of the steps and then stays there, and returns
-:math:`z` drawn from the reverse process from ``rho_min``. The mass matrix is diagonal,
+Matthews, 2013) on :math:`x` and returns :math:`z` drawn from the reverse process from
+``rho_min``. With the diagonal preconditioner (priors without a Gaussian part) :math:`\rho`
+falls geometrically from ``rho_max`` to ``rho_min`` over the first ``anneal`` fraction of the
+steps and then stays there, and the mass matrix is diagonal,
 :math:`M = 1/\rho^2 + \mathrm{diag}(-\nabla^2 \log p(y \mid x))`, refreshed each step with a
 Rademacher Hessian-vector product of the log-likelihood (exact when each observation depends on
 one coordinate, as for counts per area; unbiased otherwise), so the step size is a
@@ -37,23 +38,31 @@ variance) travel ballistically rather than diffusively, in :math:`O(s / \rho)` s
 posterior sd :math:`s` instead of :math:`O(s^2 / \rho^2)`.
 
 When the prior has a Gaussian part :math:`N(m, U \Lambda U^\top)` (a trained
-:class:`~pyro_diffusion.EDMDenoiser` with its default Gaussian skip, an exact Gaussian
-denoiser), the dynamics run in the coordinates :math:`a = U^\top (x - m)` with the mass
-:math:`1/(\lambda_k + \rho^2) + (U^\top {\rm diag}(h)\, U)_{kk}` for likelihood curvature
-:math:`h`: the blurred prior's own precision in each direction instead of its largest one,
-:math:`1/\rho^2`. Smooth directions then need :math:`O(1)` steps instead of
-:math:`O(\sqrt{\lambda_k} / \rho)`, and chains start from the Gaussian part blurred by
-``rho_max``: on GP fields of 256 points 50 steps do what the diagonal mass needs 200 for
-(``bench/vs_nuts.py``).
+:class:`~pyro_diffusion.EDMDenoiser` with the Gaussian skip, an exact Gaussian denoiser, or an
+estimate from prior draws), the sampler does not anneal. It first finds the Laplace
+approximation of the blurred posterior with that Gaussian in place of the prior: the mode of
+:math:`N(x; m, U (\Lambda + \rho^2) U^\top)\, p(y \mid x)` by damped Newton steps from the
+prior mean (no network evaluations), and the precision there,
+:math:`P = U (\Lambda + \rho^2)^{-1} U^\top + {\rm diag}(c)` with :math:`c` the likelihood's
+curvature from Hessian-vector probes. Chains start from :math:`N(\hat x, P^{-1})` and run the
+dynamics at ``rho_min`` with :math:`P` as a dense mass matrix, in whitened coordinates where it
+is the identity, with the diffusion prior's own score. The Langevin steps then only have to
+correct what the approximation misses (the prior's non-Gaussian part, the likelihood's
+curvature away from the mode), and every direction, smooth or rough, well or weakly
+identified, moves at the same pace: on GP fields with 256 Poisson or Binomial counts 20 steps
+match long NUTS runs (``bench/vs_nuts.py``), where the annealed diagonal dynamics need 200.
+For a Gaussian prior with Gaussian observations the approximation is the target itself, and
+BAOAB keeps it exactly (its position marginal is exact for Gaussian targets), so the draws are
+exact after any number of steps.
 
 The result is approximate in two controlled ways: the blur :math:`\rho_{\min}` (smaller is more
 exact and mixes slower) and the unadjusted Langevin discretisation (smaller ``step_size`` is
 more exact). Neither depends on how well a guidance approximates :math:`p(y \mid x_\sigma)`.
 Like any Langevin method it is made for unimodal (or mildly multimodal) posteriors, such as
 latent fields under generalised linear observations: the annealing reaches separated modes but
-does not weigh them correctly (on the 25-component mixture benchmark it is no better than
-guided MMPS, ``bench/langevin_mixture.py``); :class:`~pyro_diffusion.DiffusionSMC` is the tool
-for those.
+does not weigh them correctly, and the Gaussian start begins near one of them (on the
+25-component mixture benchmark it is no better than guided MMPS,
+``bench/langevin_mixture.py``); :class:`~pyro_diffusion.DiffusionSMC` is the tool for those.
 
 With a *learned* denoiser the dynamics lean on the network's score at noise :math:`\rho` in
 every direction, including the smooth ones that carry a field's large-scale uncertainty, and
@@ -63,7 +72,7 @@ those are what a plain network learns worst at small noise: on the GP priors of
 (2-D grid) in the 20 smoothest directions, and Langevin dynamics at fixed noise integrates that
 error wherever the data leave the field free (a patch of zero counts drifted to several times
 the reference posterior's spread). The Gaussian skip of
-:class:`~pyro_diffusion.EDMDenoiser` (the default for fields) removes most of it (0.3-3.6 %
+:class:`~pyro_diffusion.EDMDenoiser` (``gaussian_skip=True``) removes most of it (0.3-3.6 %
 in the smooth directions), and the sampler then matches NUTS with learned priors too. For a
 network trained without it, check on a stand-in problem with an exact prior (or NUTS) first
 (``bench/score_error.py`` measures the score error).
@@ -95,7 +104,7 @@ from .samplers import reverse_sample
 
 PRECONDITIONERS = ("auto", "gaussian", "diagonal")
 #: Default Langevin steps and final denoising steps for each preconditioner.
-DEFAULT_STEPS = {"gaussian": 50, "diagonal": 200}
+DEFAULT_STEPS = {"gaussian": 20, "diagonal": 200}
 DEFAULT_DENOISE_STEPS = {"gaussian": 8, "diagonal": 32}
 
 
@@ -130,7 +139,7 @@ def _positive(value, name):
 
 
 class DiffusionLangevin(BatchPosterior):
-    r"""Posterior samples by annealed kinetic Langevin dynamics with the model's exact likelihood.
+    r"""Posterior samples by kinetic Langevin dynamics with the model's exact likelihood.
 
     The model is written as for :class:`~pyro_diffusion.DiffusionPosterior`: one latent site
     distributed as a :class:`~pyro_diffusion.DiffusionPrior`, observed sites with their Pyro
@@ -142,10 +151,11 @@ class DiffusionLangevin(BatchPosterior):
     :param int num_samples: posterior draws (independent chains of the dynamics).
     :param int num_steps: Langevin steps per draw; each costs one denoiser evaluation and
         two passes through the likelihood. The final denoising adds ``denoise_steps``.
-        Default 50 with the Gaussian preconditioner, 200 with the diagonal one.
-    :param float rho_max: the blur at the start of the annealing (default: the denoiser's
-        ``data_std``, else 1).
-    :param float rho_min: the blur at the end (default: ``0.1 * data_std``). The draws target
+        Default 20 with the Gaussian preconditioner, 200 with the diagonal one.
+    :param float rho_max: the blur at the start of the annealing (diagonal preconditioner
+        only; default: the denoiser's ``data_std``, else 1).
+    :param float rho_min: the blur at the end, and throughout with the Gaussian
+        preconditioner (default: ``0.1 * data_std``). The draws target
         the posterior with each observation's likelihood blurred by :math:`N(0, \rho_{\min}^2)`
         on the latent's scale: choose it below the posterior standard deviations you care
         about. Smaller is more exact with an exact denoiser but mixes slower and leans harder
@@ -153,26 +163,29 @@ class DiffusionLangevin(BatchPosterior):
         fields with a trained MLP denoiser 0.1 gave the best means, 0.05 the best with the
         exact denoiser (``bench/vs_nuts.py``).
     :param float anneal: fraction of the steps spent lowering the blur; the rest run at
-        ``rho_min``.
-    :param float step_size: the BAOAB step, as a fraction of the stiffest local period (stable
-        below 2; 0.5 keeps the discretisation bias small).
+        ``rho_min`` (diagonal preconditioner only).
+    :param float step_size: the BAOAB step, as a fraction of the stiffest local period (with
+        the Gaussian preconditioner: of the Laplace approximation's period, the same in every
+        direction); stable below 2, 0.5 keeps the discretisation bias small.
     :param float persistence: the fraction of the momentum kept at each step (0: overdamped
         Langevin; close to 1: Hamiltonian-like, less random-walk behaviour).
     :param int denoise_steps: ancestral reverse steps from ``rho_min`` to 0 for the final draw
         of :math:`z \mid x`. Default 8 with the Gaussian preconditioner, 32 with the diagonal
         one.
-    :param str preconditioner: ``"gaussian"``: run the dynamics in the eigenbasis of a
-        Gaussian approximation :math:`N(m, U \Lambda U^\top)` of the prior, with mass
-        :math:`1/(\lambda_k + \rho^2)` plus the likelihood's curvature in that basis, and start
-        the chains from that Gaussian blurred by ``rho_max``. The prior's smooth and rough
-        directions then move at the same pace, which takes far fewer steps on fields. The
-        Gaussian comes from the denoiser when it has one (an
+    :param str preconditioner: ``"gaussian"``: start the chains from the Laplace
+        approximation of the blurred posterior with a Gaussian approximation
+        :math:`N(m, U \Lambda U^\top)` of the prior in its place, and use that approximation's
+        precision (the Gaussian's, blurred, plus the likelihood's curvature at the mode) as a
+        dense mass matrix, at ``rho_min`` without annealing. Every direction then moves at the
+        same pace and the steps only correct the approximation, which takes far fewer steps on
+        fields. The Gaussian comes from the denoiser when it has one (an
         :class:`~pyro_diffusion.EDMDenoiser` with the Gaussian skip, a
         :class:`~pyro_diffusion.GaussianDenoiser`), else from the mean and covariance of
-        ``max(2 d, 1000)`` prior draws. ``"diagonal"``: the mass
-        :math:`1/\rho^2` plus the likelihood's curvature per coordinate (for priors far from
-        Gaussian). ``"auto"`` (default): ``"gaussian"`` when the denoiser has a Gaussian part,
-        else ``"diagonal"``.
+        ``max(2 d, 1000)`` prior draws; its cost grows as :math:`d^3` (a Cholesky factor per
+        Newton step) and :math:`d^2` per draw and step. ``"diagonal"``: annealed dynamics with
+        the mass :math:`1/\rho^2` plus the likelihood's curvature per coordinate (for priors
+        far from Gaussian). ``"auto"`` (default): ``"gaussian"`` when the denoiser has a
+        Gaussian part, else ``"diagonal"``.
     :param int batch_size: draws per batch; each batch is independent and becomes one ArviZ
         chain.
     :param device: where to sample (default: the prior's device).
@@ -181,7 +194,8 @@ class DiffusionLangevin(BatchPosterior):
 
     After :meth:`run`, ``wall_time`` holds the seconds spent, ``divergences`` the number of
     chain-steps that produced a non-finite state and were undone (their momentum is redrawn),
-    ``num_evaluations`` the denoiser evaluations per draw, and ``preconditioner_used``,
+    ``num_evaluations`` the denoiser evaluations per draw, ``newton_iterations`` the Newton
+    steps the Laplace approximation took (Gaussian preconditioner), and ``preconditioner_used``,
     ``num_steps_used``, ``denoise_steps_used``, ``rho_min_used`` and ``rho_max_used`` the
     settings the defaults resolved to.
     """
@@ -223,6 +237,8 @@ class DiffusionLangevin(BatchPosterior):
     def _prepare(self, lik, prior):
         self.divergences = 0
         self._gaussian = None
+        self._laplace_state = None
+        self.newton_iterations = 0
         extra = 0
         if self.preconditioner != "diagonal":
             part = gaussian_part(prior)
@@ -282,53 +298,146 @@ class DiffusionLangevin(BatchPosterior):
         return (x0 - x) / rho ** 2 + grad.detach(), square
 
     def _sample_batch(self, lik, prior, size, desc):
+        if self._gaussian is not None:
+            return self._sample_gaussian(lik, prior, size, desc)
+        return self._sample_diagonal(lik, prior, size, desc)
+
+    def _laplace(self, lik, prior, probes=8, max_iter=50):
+        r"""The Laplace approximation of :math:`N(x; m, U (\Lambda + \rho^2) U^\top)\,
+        p(y \mid x)` at :math:`\rho` = ``rho_min``: its mode by damped Newton from the prior
+        mean, in the coordinates :math:`a = U^\top (x - m)`, and the Cholesky factor
+        :math:`L` of its precision :math:`(\Lambda + \rho^2)^{-1} + U^\top {\rm diag}(c)\,
+        U` there, with :math:`c` the norms of the log-likelihood's Hessian rows (from
+        ``probes`` Rademacher probes; :math:`|H_{ii}|` exactly when each observation depends on
+        one coordinate). Float64; sets ``newton_iterations``."""
+        m, lam, basis = self._gaussian
+        dtype, rho = prior.dtype, self.rho_min_used
+        lam, basis, m = lam.double(), basis.double(), m.double()
+        prec = 1.0 / (lam + rho ** 2)
+        shape = (probes,) + prior.event_shape
+
+        def evaluate(a):
+            x = (m + basis @ a).to(dtype)
+            with torch.enable_grad(), pyro.validation_enabled(False):
+                xg = x.expand(probes, -1).reshape(shape).detach().requires_grad_(True)
+                log_lik = lik.log_likelihood(xg)
+                (grad,) = torch.autograd.grad(log_lik.sum(), xg, create_graph=True)
+                hvp = None
+                if grad.requires_grad:
+                    probe = torch.randint(0, 2, xg.shape, device=x.device).to(dtype) * 2 - 1
+                    (hvp,) = torch.autograd.grad((grad * probe).sum(), xg, allow_unused=True)
+            c = torch.zeros_like(a) if hvp is None else \
+                hvp.detach().reshape(probes, -1).double().square().mean(0).sqrt()
+            g = grad.detach().reshape(probes, -1)[0].double()
+            value = float(log_lik[0].detach()) - 0.5 * float((a.square() * prec).sum())
+            return value, basis.T @ g - a * prec, torch.nan_to_num(c, nan=0.0, posinf=0.0)
+
+        def factor(c):
+            mass = (basis.T * c) @ basis
+            mass.diagonal().add_(prec)
+            return torch.linalg.cholesky(mass)
+
+        a = torch.zeros_like(lam)
+        value, grad, c = evaluate(a)
+        if not (math.isfinite(value) and bool(torch.isfinite(grad).all())):
+            raise ValueError(
+                f"the log-likelihood or its gradient is not finite at the prior mean of "
+                f"{lik.site!r}: check the observed sites' parameters (NaN or infinite values, "
+                f"or a link that overflows)")
+        self.newton_iterations = 0
+        for _ in range(max_iter):
+            chol = factor(c)
+            step = torch.cholesky_solve(grad[:, None], chol)[:, 0]
+            # Newton decrement: the step's length in the approximation's sds, squared.
+            if float(grad @ step) < 1e-4:
+                break
+            self.newton_iterations += 1
+            tolerance = 1e-6 * abs(value) + 1e-3  # float32 log-likelihood round-off
+            t = 1.0
+            for _ in range(40):  # halve until finite and not worse
+                new = evaluate(a + t * step)
+                if math.isfinite(new[0]) and new[0] >= value - tolerance \
+                        and bool(torch.isfinite(new[1]).all()):
+                    break
+                t *= 0.5
+            else:
+                break
+            a = a + t * step
+            value, grad, c = new
+        chol = factor(c)
+        return a, chol
+
+    def _sample_gaussian(self, lik, prior, size, desc):
+        """BAOAB with the Laplace approximation's precision as a dense mass, run in whitened
+        coordinates :math:`b = L^\top a` (unit mass; :math:`x = m + K b`,
+        :math:`K = U L^{-\top}`), chains started from the approximation."""
+        if self._laplace_state is None:  # once per run, under the run's seed
+            a_mode, chol = self._laplace(lik, prior)
+            m, lam, basis = self._gaussian
+            k = torch.linalg.solve_triangular(chol, basis.double().T, upper=False).T
+            self._laplace_state = ((a_mode @ chol).to(prior.dtype), k.to(prior.dtype))
+        b_mode, k = self._laplace_state
+        m = self._gaussian[0]
+        shape = (size,) + prior.event_shape
+        rho = self.rho_min_used
+
+        def to_x(b):
+            return (m + b @ k.T).reshape(shape)
+
+        def force_at(b):
+            force, _ = self._force(lik, prior, to_x(b), rho, curvature=False)
+            return force.reshape(size, -1) @ k
+
+        b = b_mode + torch.randn((size, b_mode.shape[0]), dtype=prior.dtype,
+                                 device=prior.device)
+        force = force_at(b)
+        bad = ~torch.isfinite(force).all(-1)
+        if bool(bad.any()):  # start those chains at the mode instead
+            b = torch.where(bad[:, None], b_mode, b)
+            force = force_at(b)
+        h, keep = self.step_size, self.persistence
+        refresh = math.sqrt(1.0 - keep ** 2)
+        u = torch.randn_like(b)
+        for _ in tqdm(range(self.num_steps_used), desc=desc, disable=not self.progress,
+                      leave=False):  # B A O A B
+            u_new = u + 0.5 * h * force
+            b_new = b + 0.5 * h * u_new
+            u_new = keep * u_new + refresh * torch.randn_like(u_new)
+            b_new = b_new + 0.5 * h * u_new
+            force_new = force_at(b_new)
+            u_new = u_new + 0.5 * h * force_new
+            ok = torch.isfinite(force_new).all(-1) & torch.isfinite(u_new).all(-1)
+            if not bool(ok.all()):  # undo those chains' step, redraw their momentum
+                self.divergences += int((~ok).sum())
+                ok = ok[:, None]
+                b_new = torch.where(ok, b_new, b)
+                u_new = torch.where(ok, u_new, torch.randn_like(u))
+                force_new = torch.where(ok, force_new, force)
+            b, u, force = b_new, u_new, force_new
+        with torch.no_grad():
+            return reverse_sample(prior.denoise, to_x(b), self._final_sigmas,
+                                  sampler="ancestral")
+
+    def _sample_diagonal(self, lik, prior, size, desc):
+        """Annealed BAOAB with a diagonal mass: the blurred prior's largest precision
+        :math:`1/\rho^2` plus the likelihood's curvature per coordinate."""
         h, keep = self.step_size, self.persistence
         refresh = math.sqrt(1.0 - keep ** 2)
         rhos = self._rhos
         shape = (size,) + prior.event_shape
-        if self._gaussian is not None:
-            # Coordinates a = U^T (x - m): the prior's Gaussian part is diagonal there.
-            m, lam, basis = self._gaussian
-            basis2 = basis.square()
+        mean = getattr(prior.denoiser, "data_mean", 0.0)
+        mean = torch.as_tensor(mean, dtype=prior.dtype, device=prior.device).reshape(-1)
 
-            def to_x(a):
-                return (m + a @ basis.T).reshape(shape)
+        def to_x(a):
+            return (mean + a).reshape(shape)
 
-            def to_coords(g):
-                return g.reshape(size, -1) @ basis
-
-            def prior_mass(rho):
-                return 1.0 / (lam + rho ** 2)
-
-            def curvature(c):  # diagonal of U^T diag(c) U
-                return c @ basis2
-
-            a = torch.randn((size, lam.shape[0]), dtype=prior.dtype, device=prior.device) \
-                * (lam + rhos[0] ** 2).sqrt()
-            start = torch.zeros_like(a)
-        else:
-            mean = getattr(prior.denoiser, "data_mean", 0.0)
-            mean = torch.as_tensor(mean, dtype=prior.dtype, device=prior.device)
-
-            def to_x(a):
-                return (mean.reshape(-1) + a).reshape(shape)
-
-            def to_coords(g):
-                return g.reshape(size, -1)
-
-            def prior_mass(rho):
-                return 1.0 / rho ** 2
-
-            def curvature(c):
-                return c
-
-            a = rhos[0] * torch.randn((size, prior.event_shape.numel()), dtype=prior.dtype,
-                                      device=prior.device)
-            start = torch.zeros_like(a)
+        a = rhos[0] * torch.randn((size, prior.event_shape.numel()), dtype=prior.dtype,
+                                  device=prior.device)
+        start = torch.zeros_like(a)
 
         def force_at(a, rho, curv=True):
             force, square = self._force(lik, prior, to_x(a), rho, curvature=curv)
-            return to_coords(force), torch.nan_to_num(square.reshape(size, -1), nan=0.0,
+            return force.reshape(size, -1), torch.nan_to_num(square.reshape(size, -1), nan=0.0,
                                                       posinf=0.0)
 
         force, square = force_at(a, rhos[0])
@@ -346,12 +455,12 @@ class DiffusionLangevin(BatchPosterior):
         # one coordinate each). It adapts during the annealing and is frozen afterwards, so the
         # dynamics at rho_min has a fixed mass matrix.
         row2 = square
-        mass = prior_mass(rhos[0]) + curvature(square.sqrt())
+        mass = 1.0 / rhos[0] ** 2 + square.sqrt()
         v = torch.randn_like(a) / mass.sqrt()
         frozen = False
         for i, rho in enumerate(tqdm(rhos, desc=desc, disable=not self.progress, leave=False)):
             if not frozen:  # the larger of the running average and the latest probe
-                mass = prior_mass(rho) + curvature(torch.maximum(row2, square).sqrt())
+                mass = 1.0 / rho ** 2 + torch.maximum(row2, square).sqrt()
                 frozen = i >= self._num_anneal
             # B A O A B
             v_new = v + 0.5 * h * force / mass

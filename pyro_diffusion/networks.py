@@ -29,6 +29,14 @@ class NoiseEmbedding(nn.Module):
         return self.mlp(torch.cat([angles.cos(), angles.sin()], dim=-1))
 
 
+def _shared_noise(c_noise):
+    """``c_noise[:1]`` when every row has the same noise (as in sampling), so that the noise
+    embedding and the blocks' modulations are computed once and broadcast; else ``c_noise``."""
+    if c_noise.dim() == 1 and c_noise.shape[0] > 1 and bool((c_noise == c_noise[0]).all()):
+        return c_noise[:1]
+    return c_noise
+
+
 class _MLPBlock(nn.Module):
     def __init__(self, width, emb_dim, dropout):
         super().__init__()
@@ -73,7 +81,7 @@ class MLP(nn.Module):
         return dict(self.config)
 
     def forward(self, x, c_noise):
-        emb = self.embedding(c_noise)
+        emb = self.embedding(_shared_noise(c_noise))
         h = self.inp(x.flatten(1))
         for block in self.blocks:
             h = block(h, emb)
@@ -181,7 +189,7 @@ class UNet(nn.Module):
             for p in reversed(pads):
                 pad_arg += [0, p]
             h = nn.functional.pad(h, pad_arg, mode="replicate")
-        emb = self.embedding(c_noise)
+        emb = self.embedding(_shared_noise(c_noise))
         h = self.inp(h)
         skips = []
         for level, blocks in enumerate(self.down):

@@ -13,6 +13,7 @@ References:
 """
 
 import contextlib
+import itertools
 import math
 import os
 
@@ -32,7 +33,7 @@ _FORMAT = "pyro_diffusion.DiffusionPrior"
 
 
 def _module_device_dtype(module):
-    for t in list(module.parameters()) + list(module.buffers()):
+    for t in itertools.chain(module.parameters(), module.buffers()):
         if t.is_floating_point():
             return t.device, t.dtype
     return torch.device("cpu"), torch.get_default_dtype()

@@ -35,6 +35,24 @@ def test_mlp_shapes_and_zero_initial_residual():
     assert net(x, torch.zeros(6)).shape == (6, 3, 4)
 
 
+@pytest.mark.parametrize("make", [lambda: MLP((12,), width=32, depth=2),
+                                  lambda: UNet((6, 8), channels=(8, 16))])
+def test_a_shared_noise_level_gives_the_per_row_output(make):
+    # With one noise level for the whole batch the embedding and modulations are computed once
+    # and broadcast; the output must equal the row-by-row one (which takes the general path).
+    torch.manual_seed(0)
+    net = make()
+    for p in net.parameters():  # no zero-initialised layers: every path contributes
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn((5,) + tuple(net.event_shape))
+    c = torch.full((5,), 0.7)
+    rows = torch.cat([net(x[i:i + 1], c[i:i + 1]) for i in range(5)])
+    assert torch.allclose(net(x, c), rows, atol=1e-5)
+    mixed = torch.tensor([0.7, 0.7, -1.0, 0.7, 0.7])
+    rows = torch.cat([net(x[i:i + 1], mixed[i:i + 1]) for i in range(5)])
+    assert torch.allclose(net(x, mixed), rows, atol=1e-5)
+
+
 def test_default_network_choice():
     assert isinstance(default_network((10,)), MLP)
     assert isinstance(default_network((8, 8)), UNet)
