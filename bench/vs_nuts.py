@@ -84,11 +84,11 @@ from torch.distributions import LogNormal
 
 import pyro_diffusion
 from pyro_diffusion import (
-    MLP,
     DiffusionLangevin,
     DiffusionPosterior,
     DiffusionPrior,
     GaussianDenoiser,
+    default_network,
 )
 from pyro_diffusion.datasets import sample_gp
 from pyro_diffusion.diagnostics import compare_posteriors, run_nuts
@@ -254,10 +254,9 @@ def cached_prior(args, label, points, form, log):
     net = None
     if args.width:
         torch.manual_seed(derived_seed(args.seed, "net", label, form))
-        net = MLP((points.shape[0],), width=args.width)
-        if args.gaussian_skip:  # the zero start DiffusionPrior.fit gives its own networks
-            torch.nn.init.zeros_(net.out.weight)
-            torch.nn.init.zeros_(net.out.bias)
+        # With the skip, the zero start DiffusionPrior.fit gives its own networks.
+        net = default_network((points.shape[0],), "mlp", zero_output=args.gaussian_skip,
+                              width=args.width)
     prior = DiffusionPrior.fit(draws, net=net, steps=args.train_steps, seed=0, progress=False,
                                validation_fraction=0.1, gaussian_skip=args.gaussian_skip)
     hist = prior.training_history
@@ -532,6 +531,12 @@ def main(argv=None):
                     methods[name] = batch_result(post, f"{args.num_samples} / {steps}",
                                                  type(post.guidance_used).__name__)
                     log(f"  {name}: {post.wall_time:.1f} s")
+                for _, p_ in candidates if args.langevin_steps else []:
+                    # Untimed: the first double backward of a process imports torch._dynamo
+                    # (and sympy), 0.3-2 s once, which would land on the first timed run.
+                    DiffusionLangevin(diffusion_model, num_samples=2, num_steps=1, batch_size=2,
+                                      preconditioner=args.preconditioner, progress=False,
+                                      seed=0).run(p_, lik, y.float())
                 for steps in args.langevin_steps:
                     for tag_, p_ in candidates:
                         run = DiffusionLangevin(diffusion_model, num_samples=args.num_samples,

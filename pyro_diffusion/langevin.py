@@ -49,8 +49,9 @@ dynamics at ``rho_min`` with :math:`P` as a dense mass matrix, in whitened coord
 is the identity, with the diffusion prior's own score. The Langevin steps then only have to
 correct what the approximation misses (the prior's non-Gaussian part, the likelihood's
 curvature away from the mode), and every direction, smooth or rough, well or weakly
-identified, moves at the same pace: on GP fields with 256 Poisson or Binomial counts 20 steps
-match long NUTS runs (``bench/vs_nuts.py``), where the annealed diagonal dynamics need 200.
+identified, moves at the same pace: on GP fields with 256 or 1024 Poisson or Binomial counts
+20 steps match long NUTS runs (``bench/vs_nuts.py``), where the annealed diagonal dynamics need
+200.
 For a Gaussian prior with Gaussian observations the approximation is the target itself, and
 BAOAB keeps it exactly (its position marginal is exact for Gaussian targets), so the draws are
 exact after any number of steps.
@@ -106,6 +107,8 @@ PRECONDITIONERS = ("auto", "gaussian", "diagonal")
 #: Default Langevin steps and final denoising steps for each preconditioner.
 DEFAULT_STEPS = {"gaussian": 20, "diagonal": 200}
 DEFAULT_DENOISE_STEPS = {"gaussian": 8, "diagonal": 32}
+#: Default final blur, in units of the denoiser's ``data_std``, for each preconditioner.
+DEFAULT_RHO_MIN = {"gaussian": 0.05, "diagonal": 0.1}
 
 
 def gaussian_part(prior):
@@ -155,13 +158,15 @@ class DiffusionLangevin(BatchPosterior):
     :param float rho_max: the blur at the start of the annealing (diagonal preconditioner
         only; default: the denoiser's ``data_std``, else 1).
     :param float rho_min: the blur at the end, and throughout with the Gaussian
-        preconditioner (default: ``0.1 * data_std``). The draws target
-        the posterior with each observation's likelihood blurred by :math:`N(0, \rho_{\min}^2)`
-        on the latent's scale: choose it below the posterior standard deviations you care
-        about. Smaller is more exact with an exact denoiser but mixes slower and leans harder
-        on a learned denoiser's score at small noise, where its relative error grows; on GP
-        fields with a trained MLP denoiser 0.1 gave the best means, 0.05 the best with the
-        exact denoiser (``bench/vs_nuts.py``).
+        preconditioner (default: ``0.05 * data_std`` with the Gaussian preconditioner,
+        ``0.1 * data_std`` with the diagonal one). The draws target the posterior with each
+        observation's likelihood blurred by :math:`N(0, \rho_{\min}^2)` on the latent's scale:
+        choose it below the posterior standard deviations you care about. The blur's bias on
+        a smooth direction grows with the number of observations that inform it: on GP fields
+        of 1024 points 0.1 left means 0.11-0.14 posterior sds off and 0.05 0.04-0.05
+        (``bench/vs_nuts.py``). Smaller leans harder on a learned denoiser's score at small
+        noise, where its relative error grows, and, with the diagonal preconditioner only,
+        mixes slower.
     :param float anneal: fraction of the steps spent lowering the blur; the rest run at
         ``rho_min`` (diagonal preconditioner only).
     :param float step_size: the BAOAB step, as a fraction of the stiffest local period (with
@@ -262,7 +267,8 @@ class DiffusionLangevin(BatchPosterior):
         self.num_steps_used, self.denoise_steps_used = steps, denoise
         scale = float(getattr(prior.denoiser, "data_std", 1.0))
         self.rho_max_used = self.rho_max if self.rho_max is not None else scale
-        self.rho_min_used = self.rho_min if self.rho_min is not None else 0.1 * scale
+        self.rho_min_used = self.rho_min if self.rho_min is not None \
+            else DEFAULT_RHO_MIN[self.preconditioner_used] * scale
         if self.rho_min_used > self.rho_max_used:
             raise ValueError(f"rho_min ({self.rho_min_used:.4g}) must not exceed rho_max "
                              f"({self.rho_max_used:.4g})")
@@ -368,7 +374,7 @@ class DiffusionLangevin(BatchPosterior):
         return a, chol
 
     def _sample_gaussian(self, lik, prior, size, desc):
-        """BAOAB with the Laplace approximation's precision as a dense mass, run in whitened
+        r"""BAOAB with the Laplace approximation's precision as a dense mass, run in whitened
         coordinates :math:`b = L^\top a` (unit mass; :math:`x = m + K b`,
         :math:`K = U L^{-\top}`), chains started from the approximation."""
         if self._laplace_state is None:  # once per run, under the run's seed
@@ -419,7 +425,7 @@ class DiffusionLangevin(BatchPosterior):
                                   sampler="ancestral")
 
     def _sample_diagonal(self, lik, prior, size, desc):
-        """Annealed BAOAB with a diagonal mass: the blurred prior's largest precision
+        r"""Annealed BAOAB with a diagonal mass: the blurred prior's largest precision
         :math:`1/\rho^2` plus the likelihood's curvature per coordinate."""
         h, keep = self.step_size, self.persistence
         refresh = math.sqrt(1.0 - keep ** 2)

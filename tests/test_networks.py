@@ -58,6 +58,10 @@ def test_default_network_choice():
     assert isinstance(default_network((8, 8)), UNet)
     assert isinstance(default_network((64,), "unet"), UNet)
     assert default_network((300,)).config["width"] == 512
+    net = default_network((300,), "mlp", zero_output=True, width=64)
+    assert net.config["width"] == 64 and not net.out.weight.any()
+    with pytest.raises(ValueError, match="MLPs only"):
+        default_network((8, 8), width=64)
     with pytest.raises(ValueError, match="net must be"):
         default_network((3,), "transformer")
 
