@@ -285,13 +285,11 @@ class DiffusionLangevin(BatchPosterior):
                                         prior.rho, dtype=prior.dtype, device=prior.device)
         self.num_evaluations = steps + 1 + denoise + extra
 
-    def _force(self, lik, prior, x, rho, curvature=True):
-        r"""The gradient of :math:`\log p_\rho(x) + \log p(y \mid x)` and, with
-        ``curvature``, a Rademacher probe of the squared rows of the log-likelihood's Hessian,
-        :math:`(H\xi)^2`, whose mean is :math:`\sum_j H_{ij}^2`."""
-        n = x.shape[0]
-        with torch.no_grad():
-            x0 = prior.denoise(x, torch.full((n,), rho, dtype=x.dtype, device=x.device))
+    @staticmethod
+    def _likelihood_gradient(lik, x, curvature=True):
+        r"""``(log_lik, grad, square)``: :math:`\log p(y \mid x)` per row, its gradient and,
+        with ``curvature``, a Rademacher probe of the squared rows of its Hessian,
+        :math:`(H\xi)^2`, whose mean is :math:`\sum_j H_{ij}^2` (zeros otherwise)."""
         with torch.enable_grad(), pyro.validation_enabled(False):
             xg = x.detach().requires_grad_(True)
             log_lik = lik.log_likelihood(xg)
@@ -301,7 +299,16 @@ class DiffusionLangevin(BatchPosterior):
                 probe = torch.randint(0, 2, x.shape, device=x.device).to(x.dtype) * 2 - 1
                 (hvp,) = torch.autograd.grad((grad * probe).sum(), xg, allow_unused=True)
         square = torch.zeros_like(x) if hvp is None else hvp.detach().square()
-        return (x0 - x) / rho ** 2 + grad.detach(), square
+        return log_lik.detach(), grad.detach(), square
+
+    def _force(self, lik, prior, x, rho, curvature=True):
+        r"""The gradient of :math:`\log p_\rho(x) + \log p(y \mid x)` and, with
+        ``curvature``, the likelihood's Hessian probe (:meth:`_likelihood_gradient`)."""
+        n = x.shape[0]
+        with torch.no_grad():
+            x0 = prior.denoise(x, torch.full((n,), rho, dtype=x.dtype, device=x.device))
+        _, grad, square = self._likelihood_gradient(lik, x, curvature)
+        return (x0 - x) / rho ** 2 + grad, square
 
     def _sample_batch(self, lik, prior, size, desc):
         if self._gaussian is not None:
@@ -315,7 +322,7 @@ class DiffusionLangevin(BatchPosterior):
         :math:`L` of its precision :math:`(\Lambda + \rho^2)^{-1} + U^\top {\rm diag}(c)\,
         U` there, with :math:`c` the norms of the log-likelihood's Hessian rows (from
         ``probes`` Rademacher probes; :math:`|H_{ii}|` exactly when each observation depends on
-        one coordinate). Float64; sets ``newton_iterations``."""
+        one coordinate). Float64; counts ``newton_iterations``."""
         m, lam, basis = self._gaussian
         dtype, rho = prior.dtype, self.rho_min_used
         lam, basis, m = lam.double(), basis.double(), m.double()
@@ -323,19 +330,11 @@ class DiffusionLangevin(BatchPosterior):
         shape = (probes,) + prior.event_shape
 
         def evaluate(a):
-            x = (m + basis @ a).to(dtype)
-            with torch.enable_grad(), pyro.validation_enabled(False):
-                xg = x.expand(probes, -1).reshape(shape).detach().requires_grad_(True)
-                log_lik = lik.log_likelihood(xg)
-                (grad,) = torch.autograd.grad(log_lik.sum(), xg, create_graph=True)
-                hvp = None
-                if grad.requires_grad:
-                    probe = torch.randint(0, 2, xg.shape, device=x.device).to(dtype) * 2 - 1
-                    (hvp,) = torch.autograd.grad((grad * probe).sum(), xg, allow_unused=True)
-            c = torch.zeros_like(a) if hvp is None else \
-                hvp.detach().reshape(probes, -1).double().square().mean(0).sqrt()
-            g = grad.detach().reshape(probes, -1)[0].double()
-            value = float(log_lik[0].detach()) - 0.5 * float((a.square() * prec).sum())
+            x = (m + basis @ a).to(dtype).expand(probes, -1).reshape(shape)
+            log_lik, grad, square = self._likelihood_gradient(lik, x)
+            c = square.reshape(probes, -1).double().mean(0).sqrt()
+            g = grad.reshape(probes, -1)[0].double()
+            value = float(log_lik[0]) - 0.5 * float((a.square() * prec).sum())
             return value, basis.T @ g - a * prec, torch.nan_to_num(c, nan=0.0, posinf=0.0)
 
         def factor(c):
@@ -350,7 +349,6 @@ class DiffusionLangevin(BatchPosterior):
                 f"the log-likelihood or its gradient is not finite at the prior mean of "
                 f"{lik.site!r}: check the observed sites' parameters (NaN or infinite values, "
                 f"or a link that overflows)")
-        self.newton_iterations = 0
         for _ in range(max_iter):
             chol = factor(c)
             step = torch.cholesky_solve(grad[:, None], chol)[:, 0]
@@ -370,7 +368,8 @@ class DiffusionLangevin(BatchPosterior):
                 break
             a = a + t * step
             value, grad, c = new
-        chol = factor(c)
+        else:  # out of iterations: factor the last curvature (a break leaves chol current)
+            chol = factor(c)
         return a, chol
 
     def _sample_gaussian(self, lik, prior, size, desc):

@@ -234,7 +234,8 @@ def default_network(event_shape, net=None, zero_output=False, width=None):
         raise ValueError(f"width applies to MLPs only, not to net={net!r}")
     if net == "mlp":
         d = math.prod(event_shape)
-        width = width or (128 if d <= 16 else 256 if d <= 128 else 512)
+        if width is None:
+            width = 128 if d <= 16 else 256 if d <= 128 else 512
         mlp = MLP(event_shape, width=int(width))
         if zero_output:
             nn.init.zeros_(mlp.out.weight)
