@@ -23,10 +23,13 @@ Methods per setting:
   the model's exact likelihood, ``--langevin-steps`` steps plus ``--denoise-steps`` denoising
   steps (its defaults), default blur, ``--preconditioner`` (auto: Gaussian when the prior has a
   Gaussian part); with ``--exact-prior`` also with the exact GP denoiser in place of the learned
-  one (fixed form only), which isolates the sampler's own error from the learned prior's.
+  one (with hyperpriors: the exact scale mixture, up to a 16 x 16 Gauss-Hermite grid of
+  lengthscales and variances), which isolates the sampler's own error from the learned prior's.
 
 The priors are trained with the Gaussian skip (``--no-gaussian-skip``: without, as before
-it existed) and the default network (``--width W``: an MLP of width ``W``, on 2-D grids too).
+it existed; ``--skip-components K``: a skip that is the denoiser of a ``K``-component Gaussian
+mixture fitted to the draws by EM, for the ``hyper`` form) and the default network
+(``--width W``: an MLP of width ``W``, on 2-D grids too).
 - ``Pyro NUTS``: :func:`pyro_diffusion.diagnostics.run_nuts` on the whitened model
   ``f = L z``, ``z ~ N(0, I)``, ``L`` the Cholesky factor of the kernel matrix plus ``1e-6``
   times the variance on its diagonal (the jitter of ``sample_gp``), in float64; with
@@ -36,7 +39,9 @@ it existed) and the default network (``--width W``: an MLP of width ``W``, on 2-
   (otherwise a note says it was skipped).
 
 The reference is a longer Pyro NUTS run on the same data (``--ref-chains`` x ``--ref-warmup`` +
-``--ref-draws``), cached under ``--cache``. Columns, per coordinate of ``f`` and then summarised:
+``--ref-draws``; ``--ref-backend numpyro``: NumPyro's NUTS on the same model, for hyperpriors at
+``d >= 256`` where a long Pyro run takes hours), cached under ``--cache``. Columns, per
+coordinate of ``f`` and then summarised:
 
 - abs smd mean / max: ``|mean - ref mean| / ref sd``, mean and largest over coordinates;
 - sd ratio: ``sd / ref sd``, mean over coordinates (min-max);
@@ -88,6 +93,7 @@ from pyro_diffusion import (
     DiffusionPosterior,
     DiffusionPrior,
     GaussianDenoiser,
+    GaussianMixtureDenoiser,
     default_network,
 )
 from pyro_diffusion.datasets import sample_gp
@@ -130,18 +136,26 @@ def parse_args(argv=None):
     parser.add_argument("--gaussian-skip", action=argparse.BooleanOptionalAction,
                         default=True, help="train the priors with the Gaussian skip (default "
                                            "on, as DiffusionPrior.fit for fields)")
+    parser.add_argument("--skip-components", type=int, default=1,
+                        help="Gaussian components of the skip: 1 the Wiener filter, K > 1 a "
+                             "K-component mixture fitted by EM (gaussian_skip=K) (1)")
     parser.add_argument("--width", type=int, default=None,
                         help="MLP width of the learned priors (default: default_network's; "
                              "2-D grids then use an MLP instead of the U-Net)")
     parser.add_argument("--exact-prior", action="store_true",
-                        help="also run DiffusionLangevin with the exact GP denoiser (fixed form "
-                             "only), which separates the sampler's error from the prior's")
+                        help="also run DiffusionLangevin with the exact GP denoiser (with "
+                             "hyperpriors: the scale mixture over a Gauss-Hermite grid of "
+                             "lengthscales and variances), which separates the sampler's error "
+                             "from the learned prior's")
     parser.add_argument("--skip-guided", action="store_true",
                         help="skip the guided DiffusionPosterior rows")
     parser.add_argument("--nuts-chains", type=int, default=2)
     parser.add_argument("--nuts-warmup", type=int, default=500)
     parser.add_argument("--nuts-draws", type=int, default=500)
     parser.add_argument("--ref-chains", type=int, default=4)
+    parser.add_argument("--ref-backend", choices=["pyro", "numpyro"], default="pyro",
+                        help="the reference's NUTS (numpyro: the same model, for settings where "
+                             "a long Pyro run takes hours, e.g. hyperpriors at d >= 256)")
     parser.add_argument("--ref-warmup", type=int, default=1000)
     parser.add_argument("--ref-draws", type=int, default=1000)
     parser.add_argument("--check-samples", type=int, default=2000,
@@ -236,8 +250,35 @@ def simulate(points, form, lik, seed):
 # --- runs -------------------------------------------------------------------------------------
 
 
+def gaussian_skip_option(args):
+    """``DiffusionPrior.fit``'s ``gaussian_skip`` for the command line's options."""
+    if not args.gaussian_skip:
+        return False
+    return True if args.skip_components == 1 else args.skip_components
+
+
+def scale_mixture_prior(sqdist, nodes=16):
+    """The exact prior of the ``hyper`` form up to quadrature: a Gaussian mixture over a
+    ``nodes x nodes`` Gauss-Hermite grid of log lengthscales and log variances."""
+    g, w = np.polynomial.hermite_e.hermegauss(nodes)
+    w = w / w.sum()
+    d = sqdist.shape[0]
+    covs, weights = [], []
+    for gl, wl in zip(g, w, strict=True):
+        ls = math.exp(math.log(LENGTHSCALE) + LENGTHSCALE_LOG_SD * gl)
+        corr = torch.exp(-0.5 * sqdist / ls ** 2) + JITTER * torch.eye(d, dtype=sqdist.dtype)
+        for gv, wv in zip(g, w, strict=True):
+            covs.append(math.exp(VARIANCE_LOG_SD * gv) * corr)
+            weights.append(wl * wv)
+    den = GaussianMixtureDenoiser(torch.tensor(weights), torch.zeros(len(weights), d),
+                                  torch.stack(covs).float())
+    return DiffusionPrior(den, (d,))
+
+
 def cached_prior(args, label, points, form, log):
-    variant = ("_skip" if args.gaussian_skip else "") + (f"_w{args.width}" if args.width else "")
+    skip = gaussian_skip_option(args)
+    variant = ("" if not skip else "_skip" if skip is True else f"_mix{skip}") + \
+        (f"_w{args.width}" if args.width else "")
     path = os.path.join(args.cache, f"prior_{label}_{form}_n{args.num_train}_"
                                     f"s{args.train_steps}_seed{args.seed}{variant}.pt")
     meta_path = path[:-3] + ".json"
@@ -255,10 +296,10 @@ def cached_prior(args, label, points, form, log):
     if args.width:
         torch.manual_seed(derived_seed(args.seed, "net", label, form))
         # With the skip, the zero start DiffusionPrior.fit gives its own networks.
-        net = default_network((points.shape[0],), "mlp", zero_output=args.gaussian_skip,
+        net = default_network((points.shape[0],), "mlp", zero_output=bool(skip),
                               width=args.width)
     prior = DiffusionPrior.fit(draws, net=net, steps=args.train_steps, seed=0, progress=False,
-                               validation_fraction=0.1, gaussian_skip=args.gaussian_skip)
+                               validation_fraction=0.1, gaussian_skip=skip)
     hist = prior.training_history
     meta = {"train_s": hist["seconds"], "draw_s": draw_s,
             "val_loss": hist["val_loss"][-1][1] if hist["val_loss"] else None,
@@ -307,7 +348,9 @@ def nuts_run(args, sqdist, chol, lik, y, chains, warmup, draws, seed):
 
 def cached_reference(args, label, form, lik, sqdist, chol, y, log):
     tag = f"{args.ref_chains}x{args.ref_warmup}+{args.ref_draws}"
-    path = os.path.join(args.cache, f"ref_{label}_{form}_{lik}_seed{args.seed}_{tag}.pt")
+    backend = "" if args.ref_backend == "pyro" else f"_{args.ref_backend}"
+    path = os.path.join(args.cache,
+                        f"ref_{label}_{form}_{lik}_seed{args.seed}_{tag}{backend}.pt")
     if os.path.exists(path):
         saved = torch.load(path, weights_only=True)
         if torch.equal(saved["y"], y):
@@ -315,8 +358,12 @@ def cached_reference(args, label, form, lik, sqdist, chol, y, log):
             return saved["f"], float(saved["wall"]), int(saved["divergences"]), tag
         log(f"reference {label} {form} {lik}: {path} holds other data; rerunning")
     seed = derived_seed(args.seed, "ref", label, form, lik) % 2**31
-    f, wall, div = nuts_run(args, sqdist, chol, lik, y, args.ref_chains, args.ref_warmup,
-                            args.ref_draws, seed)
+    if args.ref_backend == "numpyro":
+        f, wall, div = numpyro_run(args, sqdist, chol, lik, y, seed, args.ref_chains,
+                                   args.ref_warmup, args.ref_draws)
+    else:
+        f, wall, div = nuts_run(args, sqdist, chol, lik, y, args.ref_chains, args.ref_warmup,
+                                args.ref_draws, seed)
     os.makedirs(args.cache, exist_ok=True)
     torch.save({"f": f, "wall": wall, "divergences": div, "y": y}, path)
     log(f"reference {label} {form} {lik}: {tag} in {wall:.0f} s, {div} divergences")
@@ -329,7 +376,7 @@ def batch_result(run, size, note):
             "size": size, "note": note}
 
 
-def numpyro_run(args, sqdist, chol, lik, y, seed):
+def numpyro_run(args, sqdist, chol, lik, y, seed, chains=None, warmup=None, draws=None):
     """NumPyro NUTS on the same whitened model (only called when numpyro and jax import)."""
     import jax
     import jax.numpy as jnp
@@ -357,8 +404,9 @@ def numpyro_run(args, sqdist, chol, lik, y, seed):
         else:
             numpyro.sample("y", ndist.Binomial(TRIALS, logits=f).to_event(1), obs=yy)
 
-    mcmc = MCMC(NUTS(model), num_warmup=args.nuts_warmup, num_samples=args.nuts_draws,
-                num_chains=args.nuts_chains, chain_method="sequential", progress_bar=False)
+    mcmc = MCMC(NUTS(model), num_warmup=warmup or args.nuts_warmup,
+                num_samples=draws or args.nuts_draws, num_chains=chains or args.nuts_chains,
+                chain_method="sequential", progress_bar=False)
     tic = time.perf_counter()
     mcmc.run(jax.random.PRNGKey(seed))
     f = mcmc.get_samples(group_by_chain=True)["f"]
@@ -447,6 +495,8 @@ def main(argv=None):
 
     command = shlex.join([os.path.basename(sys.executable)] + sys.argv)
     has_numpyro, numpyro_note = numpyro_available(args.threads)
+    if args.ref_backend == "numpyro" and not has_numpyro:
+        raise SystemExit(f"--ref-backend numpyro: {numpyro_note}")
     info = [f"command: `{command}`",
             f"torch {torch.__version__}, pyro {pyro.__version__}, pyro_diffusion "
             f"{pyro_diffusion.__version__}, python {platform.python_version()}, threads "
@@ -455,7 +505,8 @@ def main(argv=None):
             f"priors: {args.num_train} GP draws, {args.train_steps} training steps, seed 0 "
             f"(cache {args.cache}); diffusion posterior: {args.num_samples} draws in "
             f"{args.batches} batches, ancestral, guidance auto; Pyro NUTS: {args.nuts_chains} x "
-            f"({args.nuts_warmup} + {args.nuts_draws}); reference: Pyro NUTS "
+            f"({args.nuts_warmup} + {args.nuts_draws}); reference: "
+            f"{'Pyro' if args.ref_backend == 'pyro' else 'NumPyro'} NUTS "
             f"{args.ref_chains} x ({args.ref_warmup} + {args.ref_draws}); seed {args.seed}"]
     if not has_numpyro:
         info.append(numpyro_note)
@@ -483,14 +534,21 @@ def main(argv=None):
                                f"{meta['train_s']:.0f}" + (" (cached)" if loaded else ""),
                                f"{meta['val_loss']:.4f}" if meta["val_loss"] else "–", *check])
             fixed_chol = None
-            candidates = [("langevin", prior)]
+            # (tag, prior, preconditioner): the exact scale mixture has no Gaussian part of its
+            # own, so "auto" would anneal with the diagonal mass; it gets the Gaussian
+            # preconditioner with the moments estimated from its draws, as a learned prior
+            # with a skip has.
+            candidates = [("langevin", prior, args.preconditioner)]
             if form == "fixed":
                 kernel = torch.exp(-0.5 * sqdist / LENGTHSCALE ** 2)
                 kernel = kernel + JITTER * torch.eye(d, dtype=kernel.dtype)
                 fixed_chol = torch.linalg.cholesky(kernel)
                 if args.exact_prior:  # built once per grid, used for every likelihood
                     exact = DiffusionPrior(GaussianDenoiser(torch.zeros(d), kernel.float()), (d,))
-                    candidates.append(("langevin, exact prior", exact))
+                    candidates.append(("langevin, exact prior", exact, args.preconditioner))
+            elif args.exact_prior:
+                pre = "gaussian" if args.preconditioner == "auto" else args.preconditioner
+                candidates.append(("langevin, exact prior", scale_mixture_prior(sqdist), pre))
             for lik in args.likelihoods:
                 truth, y, params = simulate(points, form, lik, args.seed)
                 log(f"setting d={label} {form} {lik}: field lengthscale "
@@ -531,18 +589,18 @@ def main(argv=None):
                     methods[name] = batch_result(post, f"{args.num_samples} / {steps}",
                                                  type(post.guidance_used).__name__)
                     log(f"  {name}: {post.wall_time:.1f} s")
-                for _, p_ in candidates if args.langevin_steps else []:
+                for _, p_, pre in candidates if args.langevin_steps else []:
                     # Untimed: the first double backward of a process imports torch._dynamo
                     # (and sympy), 0.3-2 s once, which would land on the first timed run.
                     DiffusionLangevin(diffusion_model, num_samples=2, num_steps=1, batch_size=2,
-                                      preconditioner=args.preconditioner, progress=False,
+                                      preconditioner=pre, progress=False,
                                       seed=0).run(p_, lik, y.float())
                 for steps in args.langevin_steps:
-                    for tag_, p_ in candidates:
+                    for tag_, p_, pre in candidates:
                         run = DiffusionLangevin(diffusion_model, num_samples=args.num_samples,
                                                 num_steps=steps,
                                                 denoise_steps=args.denoise_steps,
-                                                preconditioner=args.preconditioner,
+                                                preconditioner=pre,
                                                 batch_size=args.num_samples // args.batches,
                                                 progress=False,
                                                 seed=derived_seed(args.seed, "langevin", label,
@@ -556,7 +614,9 @@ def main(argv=None):
                         log(f"  {name}: {run.wall_time:.1f} s")
                 scores = score(methods, ref)
                 rs = scores["reference"]
-                rows.append(fmt_row(label, form, lik, "reference (Pyro NUTS)",
+                rows.append(fmt_row(label, form, lik, "reference (Pyro NUTS)"
+                                    if args.ref_backend == "pyro" else
+                                    "reference (NumPyro NUTS)",
                                     tag.replace("x", "x(") + ")", ref_wall, rs,
                                     rs["ess"] / ref_wall, "–", "–", f"{ref_div} divergences"))
                 nuts_ess_s = scores["Pyro NUTS"]["ess"] / methods["Pyro NUTS"]["wall"]

@@ -6,6 +6,7 @@ from .exact import GaussianDenoiser, GaussianMixtureDenoiser
 from .guidance import DPS, MMPS, EvidenceTrick, Guidance
 from .langevin import DiffusionLangevin
 from .metrics import sliced_wasserstein
+from .mixture_em import fit_gaussian_mixture
 from .networks import MLP, UNet, default_network
 from .noise_grid import noise_grid
 from .posterior import DiffusionPosterior
@@ -31,6 +32,7 @@ __all__ = [
     "UNet",
     "__version__",
     "default_network",
+    "fit_gaussian_mixture",
     "fit_prior",
     "noise_grid",
     "register_denoiser",

@@ -189,8 +189,9 @@ def fit_prior(model, data, *, event_shape, laps=8, prior=None, guidance="auto",
     :param int e_batch_size: observations per E-step batch (bounds memory).
     :param int gaussian_rounds: EM rounds of the Gaussian initialisation (default 32 in
         closed form for linear-Gaussian sites, 4 Monte Carlo rounds otherwise).
-    :param bool gaussian_skip: the network learns only the non-Gaussian part of the field, on
-        top of the Wiener filter of each lap's samples (see
+    :param gaussian_skip: the network learns only the non-Gaussian part of the field, on
+        top of the Wiener filter of each lap's samples, or of a ``K``-component Gaussian
+        mixture refitted to them by EM for an integer ``K > 1`` (see
         :meth:`DiffusionPrior.fit <pyro_diffusion.DiffusionPrior.fit>`).
     :param dict prior_settings: sampling settings of the returned prior (``num_steps``,
         ``sampler``, ...).
@@ -353,7 +354,8 @@ class _EMRun:
         samples = self._gaussian_prior(mean, cov).denoiser.sample_data(max(self.n_obs, 1024))
         skip = use_gaussian_skip(self.event_shape, self.settings["gaussian_skip"])
         network = default_network(self.event_shape, self.net, zero_output=skip).to(self.device)
-        denoiser = EDMDenoiser.from_samples(network, samples, gaussian_skip=skip)
+        denoiser = EDMDenoiser.from_samples(network, samples, gaussian_skip=skip,
+                                            progress=self.progress)
         denoiser = denoiser.to(self.device)
         metrics = {"lap": 0, "seconds": time.perf_counter() - start,
                    "gaussian_rounds": float(rounds), "closed_form": float(closed_form),
@@ -382,7 +384,7 @@ class _EMRun:
         # adapts in the M-step.
         if not x.reshape(x.shape[0], -1).var(0).sum() > 0:
             raise FloatingPointError(f"the E-step samples of lap {lap} collapsed to a point")
-        denoiser.set_statistics(x)
+        denoiser.set_statistics(x, progress=self.progress)
         ema, history = train_denoiser(
             denoiser, x, steps=self.settings["train_steps"],
             batch_size=self.settings["batch_size"], lr=self.settings["lr"],

@@ -32,6 +32,23 @@ cheap to learn. :math:`\Sigma` is the Ledoit-Wolf shrinkage estimate (Ledoit and
 stays well conditioned with fewer samples than dimensions. It costs two ``d x d`` products per
 evaluation and ``d^2`` stored numbers.
 
+**Gaussian-mixture skip.** Data that are a mixture of Gaussians with different covariances, such
+as GP draws under hyperpriors on the lengthscale and the variance, are denoised by one Wiener
+filter with the average covariance, which at small noise is wrong for every draw (on such draws
+its relative score error at noise 0.05 is 0.4), and the network learns the correction poorly.
+``gaussian_skip=K`` with ``K > 1`` uses instead the exact denoiser of a ``K``-component mixture
+fitted to the (standardised) samples by EM
+(:func:`~pyro_diffusion.fit_gaussian_mixture`),
+
+.. math::
+
+    D_{\rm skip}(z; \sigma) = \sum_k r_k(z; \sigma)\,\big(\mu_k + \Sigma_k(\Sigma_k +
+    \sigma^2 I)^{-1}(z - \mu_k)\big),\qquad r_k \propto w_k N(z; \mu_k, \Sigma_k + \sigma^2 I),
+
+at ``2 K d^2`` operations per evaluation and ``2 K d^2`` stored numbers. The Wiener filter's
+eigenbasis is kept too: it is the prior's Gaussian part that
+:class:`~pyro_diffusion.DiffusionLangevin` preconditions with.
+
 References:
 
 - Karras, Aittala, Aila, Laine (2022), *Elucidating the Design Space of Diffusion-Based
@@ -41,10 +58,14 @@ References:
 """
 
 import math
+import numbers
 
 import torch
 from torch import nn
 
+from .covariance import shrunk_eigh
+from .exact import GaussianMixtureDenoiser
+from .mixture_em import fit_gaussian_mixture
 from .serialization import register_denoiser
 
 #: Largest event for which the Gaussian skip can be used (it stores a ``d x d`` eigenbasis
@@ -53,40 +74,22 @@ GAUSSIAN_SKIP_MAX_DIM = 8192
 
 
 def use_gaussian_skip(event_shape, gaussian_skip=False):
-    """Check the ``gaussian_skip`` option against the event's size and return it as a bool."""
-    gaussian_skip = bool(gaussian_skip)
+    """Check the ``gaussian_skip`` option against the event's size and return the number of
+    Gaussian components of the skip (``0``: none, ``1``: the Wiener filter, ``K > 1``: a
+    fitted mixture)."""
+    if isinstance(gaussian_skip, bool) or gaussian_skip is None:
+        components = int(bool(gaussian_skip))
+    elif isinstance(gaussian_skip, numbers.Integral) and gaussian_skip >= 0:
+        components = int(gaussian_skip)
+    else:
+        raise ValueError("gaussian_skip must be True, False or a positive number of mixture "
+                         f"components, got {gaussian_skip!r}")
     d = math.prod(event_shape)
-    if gaussian_skip and d > GAUSSIAN_SKIP_MAX_DIM:
+    if components and d > GAUSSIAN_SKIP_MAX_DIM:
         raise ValueError(f"gaussian_skip needs a {d} x {d} eigenbasis; events of more than "
                          f"{GAUSSIAN_SKIP_MAX_DIM} values are not supported, pass "
                          "gaussian_skip=False")
-    return gaussian_skip
-
-
-def shrunk_covariance(z):
-    r"""Ledoit-Wolf estimate of the covariance of centred rows ``z`` ``(n, d)``, float64.
-
-    Shrinks the sample covariance :math:`S` towards :math:`\mu I`, :math:`\mu = {\rm tr}\,S/d`,
-    with the weight that minimises the expected squared Frobenius error.
-    """
-    z = z.reshape(z.shape[0], -1).to(torch.float64)
-    n, d = z.shape
-    s = z.T @ z / n
-    mu = s.trace() / d
-    delta2 = (s - mu * torch.eye(d, dtype=s.dtype, device=s.device)).square().sum()
-    # sum_i ||z_i z_i^T - S||_F^2 = sum_i ||z_i||^4 - n ||S||_F^2
-    beta2 = ((z.square().sum(1).square().sum() - n * s.square().sum()) / n ** 2).clamp(min=0.0)
-    weight = (beta2 / delta2).clamp(max=1.0) if delta2 > 0 else torch.ones((), dtype=s.dtype)
-    return (1 - weight) * s + weight * mu * torch.eye(d, dtype=s.dtype, device=s.device)
-
-
-def shrunk_eigh(z):
-    r"""Eigenvalues and eigenvectors of :func:`shrunk_covariance` of centred rows ``z``,
-    float64, the eigenvalues floored at ``1e-10`` times the largest (no direction is exactly
-    noise-free, which keeps :math:`\lambda / (\lambda + \sigma^2)` defined at
-    :math:`\sigma = 0`)."""
-    evals, evecs = torch.linalg.eigh(shrunk_covariance(z))
-    return evals.clamp(min=1e-10 * float(evals.max().clamp(min=1e-30))), evecs
+    return components
 
 
 @register_denoiser
@@ -98,9 +101,11 @@ class EDMDenoiser(nn.Module):
     :param float std: global data scale; the standardised data has unit mean variance.
     :param float sigma_data: standard deviation assumed for the standardised data.
     :param tuple event_shape: the event's shape.
-    :param bool gaussian_skip: replace the scalar skip by the Wiener filter of the data's
-        covariance (see the module notes); :meth:`set_statistics` or :meth:`from_samples` fill
-        in the covariance (until then it is :math:`\sigma_d^2 I`, the plain EDM skip).
+    :param gaussian_skip: ``True`` (or ``1``) replaces the scalar skip by the Wiener filter of
+        the data's covariance, an integer ``K > 1`` by the exact denoiser of a ``K``-component
+        Gaussian mixture fitted to the data (see the module notes); :meth:`set_statistics` or
+        :meth:`from_samples` fit them (until then the skip is the plain EDM one,
+        :math:`\sigma_d^2 I`).
     """
 
     def __init__(self, net, event_shape, mean=0.0, std=1.0, sigma_data=1.0,
@@ -115,27 +120,41 @@ class EDMDenoiser(nn.Module):
         self.register_buffer("mean", mean.expand(self.event_shape).clone())
         self.std = std
         self.sigma_data = float(sigma_data)
-        self.gaussian_skip = bool(gaussian_skip)
-        if self.gaussian_skip:
+        self.skip_components = use_gaussian_skip(self.event_shape, gaussian_skip)
+        self.skip_mixture = None
+        if self.skip_components:
             d = math.prod(self.event_shape)
             dtype = self.mean.dtype
             self.register_buffer("skip_basis", torch.eye(d, dtype=dtype))
             self.register_buffer("skip_eigenvalues", torch.full((d,), self.sigma_data ** 2,
                                                                 dtype=dtype))
+        if self.skip_components > 1:
+            K = self.skip_components
+            eye = torch.eye(d, dtype=dtype) * self.sigma_data ** 2
+            self.skip_mixture = GaussianMixtureDenoiser(torch.ones(K, dtype=dtype),
+                                                        torch.zeros(K, d, dtype=dtype),
+                                                        eye.expand(K, d, d).clone())
+
+    @property
+    def gaussian_skip(self):
+        """Whether the skip is Gaussian (the Wiener filter or a Gaussian mixture's denoiser)."""
+        return self.skip_components > 0
 
     @classmethod
-    def from_samples(cls, net, samples, gaussian_skip=False):
+    def from_samples(cls, net, samples, gaussian_skip=False, progress=False):
         """Wrap ``net`` with the statistics read from ``samples`` ``(n, *event_shape)``.
 
-        :param bool gaussian_skip: use the Gaussian skip (see the module notes).
+        :param gaussian_skip: the Gaussian skip: ``False``, ``True`` or a number of mixture
+            components (see the module notes).
+        :param bool progress: show the mixture's EM progress.
         """
-        gaussian_skip = use_gaussian_skip(samples.shape[1:], gaussian_skip)
         den = cls(net, samples.shape[1:], gaussian_skip=gaussian_skip)
-        return den.to(samples.device).set_statistics(samples)
+        return den.to(samples.device).set_statistics(samples, progress=progress)
 
     @torch.no_grad()
-    def set_statistics(self, samples):
-        """Refit the mean, the scale and (with the Gaussian skip) the covariance to ``samples``.
+    def set_statistics(self, samples, progress=False):
+        """Refit the mean, the scale and (with the Gaussian skip) the covariance, or the
+        mixture, to ``samples``.
 
         The network is left as it is. Returns ``self``.
         """
@@ -151,13 +170,18 @@ class EDMDenoiser(nn.Module):
             evals, evecs = shrunk_eigh((centred / std).cpu())
             self.skip_basis.copy_(evecs.to(self.skip_basis.dtype))
             self.skip_eigenvalues.copy_(evals.to(self.skip_eigenvalues.dtype))
+        if self.skip_mixture is not None:
+            fitted = fit_gaussian_mixture(centred / std, self.skip_components, seed=0,
+                                          progress=progress)
+            for name, buf in self.skip_mixture.named_buffers():
+                buf.copy_(getattr(fitted, name).to(buf))
         return self
 
     def get_config(self):
         config = {"net": self.net, "event_shape": list(self.event_shape), "mean": self.mean,
                   "std": self.std, "sigma_data": self.sigma_data}
-        if self.gaussian_skip:
-            config["gaussian_skip"] = True
+        if self.skip_components:
+            config["gaussian_skip"] = True if self.skip_components == 1 else self.skip_components
         return config
 
     @property
@@ -182,8 +206,11 @@ class EDMDenoiser(nn.Module):
         return self._skip(z, s, var) + c_out * out, z, s
 
     def _skip(self, z, s, var):
-        if not self.gaussian_skip:
+        if not self.skip_components:
             return (self.sigma_data ** 2 / var) * z
+        if self.skip_mixture is not None:
+            flat = z.reshape(z.shape[0], -1)
+            return self.skip_mixture(flat, s.reshape(-1).expand(flat.shape[0])).reshape(z.shape)
         lam = self.skip_eigenvalues
         gain = lam / (lam + s.reshape(-1, 1).square())
         coef = z.reshape(z.shape[0], -1) @ self.skip_basis

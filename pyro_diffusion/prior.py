@@ -250,13 +250,16 @@ class DiffusionPrior(TorchDistribution):
         :param bool progress: show a progress bar with the loss.
         :param float validation_fraction: fraction of samples held out to report a validation
             loss in ``prior.training_history["val_loss"]``.
-        :param bool gaussian_skip: let the network learn only the non-Gaussian part of the data,
-            on top of the Wiener filter of the samples' covariance, starting from a zero
-            residual (see :class:`~pyro_diffusion.EDMDenoiser`). Priors of GP- and CAR-like
-            fields become far more accurate at small noise in their smooth directions, which
-            :class:`~pyro_diffusion.DiffusionLangevin` relies on (and then preconditions
-            with). Off by default for now: the guided evidence trick overshoots with such
-            near-exact priors at coarse step counts (as with an exact Gaussian denoiser).
+        :param gaussian_skip: let the network learn only the non-Gaussian part of the data,
+            on top of the Wiener filter of the samples' covariance (``True``), or on top of the
+            exact denoiser of a ``K``-component Gaussian mixture fitted to them by EM (an
+            integer ``K > 1``, for scale mixtures such as fields drawn under hyperpriors),
+            starting from a zero residual (see :class:`~pyro_diffusion.EDMDenoiser`). Priors
+            of GP- and CAR-like fields become far more accurate at small noise in their smooth
+            directions, which :class:`~pyro_diffusion.DiffusionLangevin` relies on (and then
+            preconditions with). Off by default for now: the guided evidence trick overshoots
+            with such near-exact priors at coarse step counts (as with an exact Gaussian
+            denoiser).
         :param prior_settings: passed to :class:`DiffusionPrior` (``num_steps``, ``sampler``,
             ``sigma_min``, ``sigma_max``, ...).
         :returns: a trained :class:`DiffusionPrior`, with ``training_history`` set.
@@ -282,7 +285,8 @@ class DiffusionPrior(TorchDistribution):
             gaussian_skip = use_gaussian_skip(samples.shape[1:], gaussian_skip)
             network = default_network(samples.shape[1:], net, zero_output=gaussian_skip)
             denoiser = EDMDenoiser.from_samples(network, samples,
-                                                gaussian_skip=gaussian_skip).to(device)
+                                                gaussian_skip=gaussian_skip,
+                                                progress=progress).to(device)
             ema, history = train_denoiser(denoiser, samples, steps=steps, batch_size=batch_size,
                                           lr=lr, weight_decay=weight_decay, ema_decay=ema_decay,
                                           validation_samples=val, progress=progress)

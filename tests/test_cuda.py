@@ -130,3 +130,24 @@ def test_langevin_on_cuda_float32():
     assert x.device.type == "cuda" and torch.isfinite(x).all()
     assert ((x.mean(0).cpu() - mean) / sd).abs().max() < 0.1
     assert ((x.std(0).cpu() / sd) - 1).abs().max() < 0.1
+
+
+def test_mixture_skip_fitted_on_cuda_matches_cpu():
+    # The EM fit and the mixture skip run on the samples' device; the result is the CPU one.
+    import copy
+
+    from pyro_diffusion import EDMDenoiser, default_network
+
+    gm = GaussianMixtureDenoiser(torch.tensor([0.6, 0.4]), torch.zeros(2, 5),
+                                 torch.tensor([0.2, 3.0]))
+    torch.manual_seed(0)
+    data = gm.sample_data(4000)
+    net = default_network((5,), "mlp", zero_output=True, width=16)
+    cpu = EDMDenoiser.from_samples(net, data, gaussian_skip=2)
+    gpu = EDMDenoiser.from_samples(copy.deepcopy(net).cuda(), data.cuda(), gaussian_skip=2)
+    x = torch.randn(16, 5) * 2
+    for s in (1e-6, 0.05, 1.0, 1e4):
+        sigma = torch.full((16,), s)
+        out = gpu(x.cuda(), sigma.cuda())
+        assert torch.isfinite(out).all()
+        torch.testing.assert_close(out.cpu(), cpu(x, sigma), atol=1e-3, rtol=1e-3)

@@ -103,7 +103,7 @@ def _silenced(net):
 def test_gaussian_skip_is_the_wiener_filter_of_the_samples():
     # With a silent network, D is the exact posterior mean of a Gaussian with the samples'
     # (shrunk) mean and covariance, at every noise level, in the data's own units.
-    from pyro_diffusion.preconditioning import shrunk_covariance
+    from pyro_diffusion.covariance import shrunk_covariance
 
     torch.manual_seed(0)
     d = 6
@@ -126,7 +126,7 @@ def test_gaussian_skip_is_the_wiener_filter_of_the_samples():
 
 
 def test_ledoit_wolf_shrinkage():
-    from pyro_diffusion.preconditioning import shrunk_covariance
+    from pyro_diffusion.covariance import shrunk_covariance
 
     gen = torch.Generator().manual_seed(1)
     cov = random_cov(40, low=0.1, high=2.0)
@@ -158,3 +158,48 @@ def test_gaussian_skip_is_opt_in_and_bounded():
             DiffusionPrior.fit(samples, steps=1, gaussian_skip=True, progress=False)
     finally:
         preconditioning.GAUSSIAN_SKIP_MAX_DIM = old
+
+
+def test_mixture_skip_is_the_denoiser_of_the_fitted_mixture(tmp_path):
+    # With a silent network and gaussian_skip=K, D is the exact denoiser of the K-component
+    # mixture fitted to the standardised samples, mapped back to the data's units; it is
+    # saved and reloaded with the prior, and its Wiener filter stays as the Gaussian part.
+    from pyro_diffusion.langevin import gaussian_part
+    from pyro_diffusion.mixture_em import fit_gaussian_mixture
+
+    torch.manual_seed(4)
+    d = 5
+    covs = torch.stack([0.2 * random_cov(d, 0.1, 1.0, seed=1, dtype=torch.float32),
+                        3.0 * random_cov(d, 0.3, 1.0, seed=2, dtype=torch.float32)])
+    truth_mix = torch.distributions.MixtureSameFamily(
+        torch.distributions.Categorical(torch.tensor([0.6, 0.4])),
+        torch.distributions.MultivariateNormal(torch.zeros(2, d) + 2.0, covs))
+    samples = truth_mix.sample((4000,))
+    den = EDMDenoiser.from_samples(_silenced(MLP((d,), width=16, depth=1)), samples,
+                                   gaussian_skip=2)
+    assert den.gaussian_skip and den.skip_components == 2
+    m, s = samples.mean(0), (samples - samples.mean(0)).square().mean().sqrt()
+    mix = fit_gaussian_mixture((samples - m) / s, 2, seed=0)
+    x = 2.0 + 2 * torch.randn(7, d)
+    for sig in [1e-4, 0.05, 0.5, 3.0, 1e3]:
+        sigma = torch.full((7,), sig)
+        want = m + s * mix(((x - m) / s).double(), (sigma / s).double()).float()
+        torch.testing.assert_close(den(x, sigma), want, atol=2e-4, rtol=2e-4)
+    prior = DiffusionPrior(den, (d,))
+    prior.save(tmp_path / "p.pt")
+    back = DiffusionPrior.load(tmp_path / "p.pt")
+    assert back.denoiser.skip_components == 2
+    sigma = torch.full((7,), 0.1)
+    torch.testing.assert_close(back.denoiser(x, sigma), den(x, sigma), atol=0, rtol=0)
+    mean, lam, basis = gaussian_part(prior)
+    cov = (basis * lam) @ basis.T
+    torch.testing.assert_close(cov, torch.cov(samples.T, correction=0), atol=0.05, rtol=0.02)
+
+
+@pytest.mark.parametrize("bad", [0.5, -1, "two", 0])
+def test_gaussian_skip_option_is_checked(bad):
+    if bad == 0:  # zero is "no skip", like False
+        assert EDMDenoiser(MLP((3,)), (3,), gaussian_skip=0).skip_components == 0
+        return
+    with pytest.raises(ValueError, match="gaussian_skip must be"):
+        EDMDenoiser(MLP((3,)), (3,), gaussian_skip=bad)
