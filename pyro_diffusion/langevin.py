@@ -211,6 +211,7 @@ class DiffusionLangevin(BatchPosterior):
         mixture): the Gaussian part's mass then leaves those directions too stiff for the step,
         and the chains escape to rougher components (draws 20 % too wide on GP fields of 64
         points with Poisson counts; 2 % with it). For a Gaussian prior both are the same.
+        Denoisers that are not an ``nn.Module`` keep the Gaussian part's.
     :param int batch_size: draws per batch; each batch is independent and becomes one ArviZ
         chain.
     :param device: where to sample (default: the prior's device).
@@ -363,7 +364,10 @@ class DiffusionLangevin(BatchPosterior):
         precision at the Laplace mode with the prior's own curvature
         (:meth:`_prior_curvature`) in place of its Gaussian part's, eigenvalues taken by their
         size (a mixture torn between components can curve the wrong way) and floored at the
-        Gaussian part's smallest precision; ``None`` when it is not finite."""
+        Gaussian part's smallest precision; ``None`` when it is not finite or the denoiser is
+        not an ``nn.Module`` (which cannot be copied to float64)."""
+        if not isinstance(prior.denoiser, torch.nn.Module):
+            return None
         m, lam, basis = (t.double() for t in self._gaussian)
         rho = self.rho_min_used
         floor = float(1.0 / (lam.max() + rho ** 2))

@@ -116,6 +116,10 @@ def fit_gaussian_mixture(samples, num_components, *, iterations=100, tol=1e-6, n
                          return_history=False):
     r"""Fit a :math:`K`-component Gaussian mixture with full covariances to ``samples`` by EM.
 
+    Each iteration costs :math:`O(K n d^2)` and :math:`K` Cholesky factors of ``d x d``, in
+    float64 on the samples' device: 8 components on 20000 draws took 20 s at ``d = 64`` and 3 min
+    at ``d = 256`` on one CPU thread (``bench/mixture_skip.py``).
+
     :param torch.Tensor samples: ``(n, *event_shape)`` draws (``n`` at least ``num_components``).
     :param int num_components: :math:`K`. With ``1`` the result is the samples' mean and
         their Ledoit-Wolf covariance (no iterations).
