@@ -1,7 +1,9 @@
 """Helpers shared by the benchmark scripts (run them from the repository root)."""
 
+import math
 import zlib
 
+import numpy as np
 import torch
 
 
@@ -25,3 +27,26 @@ def markdown_table(header, rows):
              "|" + "|".join("---" if i < 3 else "---:" for i in range(len(header))) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def gp_scale_mixture(sqdist, lengthscale, lengthscale_log_sd, variance_log_sd, jitter=1e-6,
+                     nodes=16, dtype=torch.float64):
+    """The exact prior of an RBF GP under LogNormal(log lengthscale, lengthscale_log_sd) and
+    LogNormal(0, variance_log_sd) hyperpriors, up to quadrature: a zero-mean
+    ``GaussianMixtureDenoiser`` over a ``nodes x nodes`` Gauss-Hermite grid of log lengthscales
+    and log variances. ``sqdist``: the ``(d, d)`` squared distances (float64)."""
+    from pyro_diffusion import GaussianMixtureDenoiser
+
+    g, w = np.polynomial.hermite_e.hermegauss(nodes)
+    w = w / w.sum()
+    d = sqdist.shape[0]
+    covs, weights = [], []
+    for gl, wl in zip(g, w, strict=True):
+        ls = math.exp(math.log(lengthscale) + lengthscale_log_sd * gl)
+        corr = torch.exp(-0.5 * sqdist / ls ** 2) + jitter * torch.eye(d, dtype=sqdist.dtype)
+        for gv, wv in zip(g, w, strict=True):
+            covs.append(math.exp(variance_log_sd * gv) * corr)
+            weights.append(wl * wv)
+    return GaussianMixtureDenoiser(torch.tensor(weights, dtype=dtype),
+                                   torch.zeros(len(weights), d, dtype=dtype),
+                                   torch.stack(covs).to(dtype))

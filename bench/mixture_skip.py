@@ -24,32 +24,19 @@ import argparse
 import math
 import time
 
-import numpy as np
 import torch
-from _common import markdown_table
+from _common import gp_scale_mixture, markdown_table
 from torch.distributions import LogNormal
 
-from pyro_diffusion import GaussianMixtureDenoiser, fit_gaussian_mixture
+from pyro_diffusion import fit_gaussian_mixture
 from pyro_diffusion.datasets import sample_gp
 
 SIGMAS = (0.05, 0.1, 0.3, 1.0)
 
 
 def exact_scale_mixture(points, nodes=24):
-    g, w = np.polynomial.hermite_e.hermegauss(nodes)
-    w = w / w.sum()
-    d = points.shape[0]
-    sq = (points[:, None] - points[None]).square()
-    covs, weights = [], []
-    for gl, wl in zip(g, w, strict=True):
-        corr = torch.exp(-0.5 * sq / math.exp(math.log(0.1) + 0.3 * gl) ** 2)
-        corr = corr + 1e-6 * torch.eye(d, dtype=torch.float64)
-        for gv, wv in zip(g, w, strict=True):
-            covs.append(math.exp(0.3 * gv) * corr)
-            weights.append(wl * wv)
-    return GaussianMixtureDenoiser(torch.tensor(weights), torch.zeros(len(weights), d,
-                                                                      dtype=torch.float64),
-                                   torch.stack(covs))
+    sqdist = (points[:, None] - points[None]).square()
+    return gp_scale_mixture(sqdist, 0.1, 0.3, 0.3, jitter=1e-6, nodes=nodes)
 
 
 def main():

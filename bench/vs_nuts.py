@@ -83,7 +83,7 @@ import numpy as np
 import pyro
 import pyro.distributions as dist
 import torch
-from _common import derived_seed, markdown_table
+from _common import derived_seed, gp_scale_mixture, markdown_table
 from pyro.ops.stats import split_gelman_rubin
 from torch.distributions import LogNormal
 
@@ -93,7 +93,6 @@ from pyro_diffusion import (
     DiffusionPosterior,
     DiffusionPrior,
     GaussianDenoiser,
-    GaussianMixtureDenoiser,
     default_network,
 )
 from pyro_diffusion.datasets import sample_gp
@@ -258,21 +257,11 @@ def gaussian_skip_option(args):
 
 
 def scale_mixture_prior(sqdist, nodes=16):
-    """The exact prior of the ``hyper`` form up to quadrature: a Gaussian mixture over a
-    ``nodes x nodes`` Gauss-Hermite grid of log lengthscales and log variances."""
-    g, w = np.polynomial.hermite_e.hermegauss(nodes)
-    w = w / w.sum()
-    d = sqdist.shape[0]
-    covs, weights = [], []
-    for gl, wl in zip(g, w, strict=True):
-        ls = math.exp(math.log(LENGTHSCALE) + LENGTHSCALE_LOG_SD * gl)
-        corr = torch.exp(-0.5 * sqdist / ls ** 2) + JITTER * torch.eye(d, dtype=sqdist.dtype)
-        for gv, wv in zip(g, w, strict=True):
-            covs.append(math.exp(VARIANCE_LOG_SD * gv) * corr)
-            weights.append(wl * wv)
-    den = GaussianMixtureDenoiser(torch.tensor(weights), torch.zeros(len(weights), d),
-                                  torch.stack(covs).float())
-    return DiffusionPrior(den, (d,))
+    """The exact prior of the ``hyper`` form up to quadrature (float32; see
+    ``_common.gp_scale_mixture``)."""
+    den = gp_scale_mixture(sqdist, LENGTHSCALE, LENGTHSCALE_LOG_SD, VARIANCE_LOG_SD, JITTER,
+                           nodes=nodes, dtype=torch.float32)
+    return DiffusionPrior(den, (sqdist.shape[0],))
 
 
 def cached_prior(args, label, points, form, log):

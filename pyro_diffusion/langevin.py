@@ -359,10 +359,11 @@ class DiffusionLangevin(BatchPosterior):
         eye = torch.eye(d, dtype=x.dtype, device=x.device)
         return (eye - 0.5 * (jac + jac.T)) / rho ** 2
 
-    def _local_mass(self, lik, prior, a_mode, probes=8):
+    def _local_mass(self, prior, a_mode, c):
         r"""The Cholesky factor, in the coordinates :math:`a`, of the blurred posterior's
-        precision at the Laplace mode with the prior's own curvature
-        (:meth:`_prior_curvature`) in place of its Gaussian part's, eigenvalues taken by their
+        precision at the Laplace mode, the likelihood's curvature ``c`` there (from
+        :meth:`_laplace`) plus the prior's own curvature (:meth:`_prior_curvature`) in place
+        of its Gaussian part's, eigenvalues taken by their
         size (a mixture torn between components can curve the wrong way) and floored at the
         Gaussian part's smallest precision; ``None`` when it is not finite or the denoiser is
         not an ``nn.Module`` (which cannot be copied to float64)."""
@@ -374,10 +375,6 @@ class DiffusionLangevin(BatchPosterior):
         x = m + basis @ a_mode
         den = copy.deepcopy(prior.denoiser).double()
         hess = self._prior_curvature(den, x, rho, prior.event_shape)
-        xl = x.to(prior.dtype).expand(probes, -1).reshape((probes,) + prior.event_shape)
-        _, _, square = self._likelihood_gradient(lik, xl)
-        c = torch.nan_to_num(square.reshape(probes, -1).double().mean(0).sqrt(), nan=0.0,
-                             posinf=0.0)
         prec = basis.T @ (hess + torch.diag(c)) @ basis
         evals, evecs = torch.linalg.eigh(0.5 * (prec + prec.T))
         if not bool(torch.isfinite(evals).all()):
@@ -391,7 +388,8 @@ class DiffusionLangevin(BatchPosterior):
         :math:`L` of its precision :math:`(\Lambda + \rho^2)^{-1} + U^\top {\rm diag}(c)\,
         U` there, with :math:`c` the norms of the log-likelihood's Hessian rows (from
         ``probes`` Rademacher probes; :math:`|H_{ii}|` exactly when each observation depends on
-        one coordinate). Float64; counts ``newton_iterations``."""
+        one coordinate). Float64; counts ``newton_iterations``. Returns the mode, the factor
+        and :math:`c` at the mode."""
         m, lam, basis = self._gaussian
         dtype, rho = prior.dtype, self.rho_min_used
         lam, basis, m = lam.double(), basis.double(), m.double()
@@ -439,16 +437,16 @@ class DiffusionLangevin(BatchPosterior):
             value, grad, c = new
         else:  # out of iterations: factor the last curvature (a break leaves chol current)
             chol = factor(c)
-        return a, chol
+        return a, chol, c
 
     def _sample_gaussian(self, lik, prior, size, desc):
         r"""BAOAB with the Laplace approximation's precision as a dense mass, run in whitened
         coordinates :math:`b = L^\top a` (unit mass; :math:`x = m + K b`,
         :math:`K = U L^{-\top}`), chains started from the approximation."""
         if self._laplace_state is None:  # once per run, under the run's seed
-            a_mode, chol = self._laplace(lik, prior)
+            a_mode, chol, c = self._laplace(lik, prior)
             if self.local_curvature:
-                local = self._local_mass(lik, prior, a_mode)
+                local = self._local_mass(prior, a_mode, c)
                 chol = chol if local is None else local
                 # d Jacobian rows, once per run.
                 self.num_evaluations += prior.event_shape.numel() / self.num_samples
