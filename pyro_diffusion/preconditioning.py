@@ -35,7 +35,8 @@ evaluation and ``d^2`` stored numbers.
 **Gaussian-mixture skip.** Data that are a mixture of Gaussians with different covariances, such
 as GP draws under hyperpriors on the lengthscale and the variance, are denoised by one Wiener
 filter with the average covariance, which at small noise is wrong for every draw (on such draws
-its relative score error at noise 0.05 is 0.4), and the network learns the correction poorly.
+its relative score error at noise 0.05 is 0.4-0.5, ``bench/mixture_skip.py``), and the network
+learns the correction poorly.
 ``gaussian_skip=K`` with ``K > 1`` uses instead the exact denoiser of a ``K``-component mixture
 fitted to the (standardised) samples by EM
 (:func:`~pyro_diffusion.fit_gaussian_mixture`),
