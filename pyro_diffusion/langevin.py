@@ -414,7 +414,8 @@ class DiffusionLangevin(BatchPosterior):
         \tfrac12 g(b)` in the whitened coordinates :math:`b = L^\top a` of the local mass
         ``chol`` (where the Hessian is about the identity, so the steps are quasi-Newton
         steps), each with the gradient :math:`g` of :math:`\log p_\rho + \log p(y \mid x)`
-        at one point; a step to a non-finite gradient ends them. Then the local mass is
+        at one point; a step to a non-finite gradient ends them, and the iterate with the
+        smallest gradient is kept (on a mixture the steps can cycle). Then the local mass is
         rebuilt there (:meth:`_local_mass`, with the likelihood's curvature probed there),
         unless the start moved less than 0.001 sds.
         Returns the new mode and factor (the old factor if the new one is not finite)."""
@@ -429,16 +430,17 @@ class DiffusionLangevin(BatchPosterior):
 
         b0 = a_mode @ chol
         b, g = b0, gradient(b0)
-        best = (float(g.norm()), b)
+        best, evaluations = (float(g.norm()), b), 1
         for _ in range(self.mode_iterations):
             b = b + 0.5 * g
             g = gradient(b)
+            evaluations += 1
             norm = float(g.norm())
             if not math.isfinite(norm):
                 break
             if norm < best[0]:
                 best = (norm, b)
-        self.num_evaluations += (self.mode_iterations + 1) / self.num_samples
+        self.num_evaluations += evaluations / self.num_samples
         self.mode_gradient, b = best
         self.mode_shift = float((b - b0).norm())
         if self.mode_shift < 1e-3:  # not worth a new Jacobian (a Gaussian prior: round-off)
