@@ -408,6 +408,17 @@ class DiffusionLangevin(BatchPosterior):
             return None
         return torch.linalg.cholesky((evecs * evals.abs().clamp(min=floor)) @ evecs.T)
 
+    def _probe_likelihood(self, lik, prior, x, probes):
+        r"""At one point ``x`` ``(d,)`` (float64, the data's units): the log-likelihood, its
+        gradient (float64) and :math:`c`, the norms of its Hessian's rows from ``probes``
+        Rademacher probes (:meth:`_likelihood_gradient`; :math:`|H_{ii}|` exactly when each
+        observation depends on one coordinate), non-finite values set to 0."""
+        x = x.to(prior.dtype).expand(probes, -1).reshape((probes,) + prior.event_shape)
+        log_lik, grad, square = self._likelihood_gradient(lik, x)
+        c = square.reshape(probes, -1).double().mean(0).sqrt()
+        return (float(log_lik[0]), grad.reshape(probes, -1)[0].double(),
+                torch.nan_to_num(c, nan=0.0, posinf=0.0))
+
     def _refine_mode(self, lik, prior, a_mode, chol, probes=8):
         r"""Move the start ``a_mode`` towards the mode of the blurred posterior with the prior's
         own score: ``mode_iterations`` damped fixed-point steps :math:`b \leftarrow b +
@@ -446,10 +457,7 @@ class DiffusionLangevin(BatchPosterior):
         if self.mode_shift < 1e-3:  # not worth a new Jacobian (a Gaussian prior: round-off)
             return a_mode, chol
         a = torch.linalg.solve_triangular(chol, b[None], upper=False, left=False)[0]
-        x = (m + basis @ a).to(prior.dtype).expand(probes, -1)
-        _, _, square = self._likelihood_gradient(lik, x.reshape((probes,) + prior.event_shape))
-        c = torch.nan_to_num(square.reshape(probes, -1).double().mean(0).sqrt(), nan=0.0,
-                             posinf=0.0)
+        _, _, c = self._probe_likelihood(lik, prior, m + basis @ a, probes)
         local = self._local_mass(prior, a, c)
         self.num_evaluations += prior.event_shape.numel() / self.num_samples
         return (a_mode, chol) if local is None else (a, local)
@@ -464,18 +472,14 @@ class DiffusionLangevin(BatchPosterior):
         one coordinate). Float64; counts ``newton_iterations``. Returns the mode, the factor
         and :math:`c` at the mode."""
         m, lam, basis = self._gaussian
-        dtype, rho = prior.dtype, self.rho_min_used
+        rho = self.rho_min_used
         lam, basis, m = lam.double(), basis.double(), m.double()
         prec = 1.0 / (lam + rho ** 2)
-        shape = (probes,) + prior.event_shape
 
         def evaluate(a):
-            x = (m + basis @ a).to(dtype).expand(probes, -1).reshape(shape)
-            log_lik, grad, square = self._likelihood_gradient(lik, x)
-            c = square.reshape(probes, -1).double().mean(0).sqrt()
-            g = grad.reshape(probes, -1)[0].double()
-            value = float(log_lik[0]) - 0.5 * float((a.square() * prec).sum())
-            return value, basis.T @ g - a * prec, torch.nan_to_num(c, nan=0.0, posinf=0.0)
+            log_lik, g, c = self._probe_likelihood(lik, prior, m + basis @ a, probes)
+            value = log_lik - 0.5 * float((a.square() * prec).sum())
+            return value, basis.T @ g - a * prec, c
 
         def factor(c):
             mass = (basis.T * c) @ basis
