@@ -324,24 +324,17 @@ def test_guided_and_langevin_share_the_batch_interface():
         assert run.wall_time > 0
 
 
-@pytest.mark.parametrize("local_curvature", [True, False])
-def test_scale_mixture_prior_needs_its_own_curvature(local_curvature):
-    # A GP under a hyperprior on the lengthscale, as a 3-component scale mixture (exact
-    # denoiser), seen with Gaussian noise: the exact posterior is a Gaussian mixture. The
-    # prior's Gaussian part (its overall covariance) is far rougher than the components the
-    # data favour, so a mass built from it is too soft for their smooth directions and the
-    # chains escape to the rough component (draws too wide); the prior's own curvature at the
-    # mode (the denoiser's Jacobian) fixes it.
+def _scale_mixture_problem(d=24, scale=0.5):
+    """A GP under a hyperprior on its lengthscale as a 3-component scale mixture (exact
+    denoiser), one field from its smoothest component seen with Gaussian noise: ``(mixture
+    denoiser, y, model, noise scale)``."""
     from pyro_diffusion import GaussianMixtureDenoiser
 
-    d = 24
     t = torch.linspace(0, 1, d, dtype=F64)
     covs = torch.stack([torch.exp(-0.5 * (t[:, None] - t[None]) ** 2 / ls ** 2)
                         + 1e-6 * torch.eye(d, dtype=F64) for ls in (0.05, 0.1, 0.2)])
     mix = GaussianMixtureDenoiser(torch.tensor([0.3, 0.4, 0.3], dtype=F64),
                                   torch.zeros(3, d, dtype=F64), covs)
-    prior = DiffusionPrior(mix, (d,))
-    scale = 0.5
     gen = torch.Generator().manual_seed(4)
     truth = torch.linalg.cholesky(covs[2]) @ torch.randn(d, generator=gen, dtype=F64)
     y = truth + scale * torch.randn(d, generator=gen, dtype=F64)
@@ -351,6 +344,19 @@ def test_scale_mixture_prior_needs_its_own_curvature(local_curvature):
         with pyro.plate("points", d):
             pyro.sample("y", dist.Normal(f, scale), obs=y)
 
+    return mix, y, model, scale
+
+
+@pytest.mark.parametrize("local_curvature", [True, False])
+def test_scale_mixture_prior_needs_its_own_curvature(local_curvature):
+    # A GP under a hyperprior on the lengthscale, as a 3-component scale mixture (exact
+    # denoiser), seen with Gaussian noise: the exact posterior is a Gaussian mixture. The
+    # prior's Gaussian part (its overall covariance) is far rougher than the components the
+    # data favour, so a mass built from it is too soft for their smooth directions and the
+    # chains escape to the rough component (draws too wide); the prior's own curvature at the
+    # mode (the denoiser's Jacobian) fixes it.
+    mix, y, model, scale = _scale_mixture_problem()
+    prior, d = DiffusionPrior(mix, y.shape), y.shape[0]
     # The blur makes the target the posterior with noise variance scale^2 + rho^2.
     rho = 0.02
     post, _ = mix.condition(torch.eye(d, dtype=F64), y, scale ** 2 + rho ** 2)
@@ -375,24 +381,9 @@ def test_start_moves_to_the_mode_of_the_blurred_posterior_with_a_mixture_prior()
     # mode of the prior's Gaussian part is not the blurred posterior's mode; the refinement
     # with the prior's own score must end where the exact gradient of
     # log sum_k w_k N(x; 0, C_k + rho^2) + log N(y; x, s^2) vanishes (autograd, float64).
-    from pyro_diffusion import GaussianMixtureDenoiser
-
-    d, scale, rho = 24, 0.5, 0.02
-    t = torch.linspace(0, 1, d, dtype=F64)
-    covs = torch.stack([torch.exp(-0.5 * (t[:, None] - t[None]) ** 2 / ls ** 2)
-                        + 1e-6 * torch.eye(d, dtype=F64) for ls in (0.05, 0.1, 0.2)])
-    weights = torch.tensor([0.3, 0.4, 0.3], dtype=F64)
-    prior = DiffusionPrior(GaussianMixtureDenoiser(weights, torch.zeros(3, d, dtype=F64),
-                                                   covs), (d,))
-    gen = torch.Generator().manual_seed(4)
-    y = torch.linalg.cholesky(covs[2]) @ torch.randn(d, generator=gen, dtype=F64) \
-        + scale * torch.randn(d, generator=gen, dtype=F64)
-
-    def model(prior, y):
-        f = pyro.sample("f", prior)
-        with pyro.plate("points", d):
-            pyro.sample("y", dist.Normal(f, scale), obs=y)
-
+    mix, y, model, scale = _scale_mixture_problem()
+    prior, d, covs, weights, rho = DiffusionPrior(mix, y.shape), y.shape[0], mix.covs, \
+        mix.weights, 0.02
     blurred = dist.MixtureSameFamily(
         dist.Categorical(weights),
         dist.MultivariateNormal(torch.zeros(3, d, dtype=F64),
