@@ -26,6 +26,10 @@ Methods per setting:
   one (with hyperpriors: the exact scale mixture, up to a 16 x 16 Gauss-Hermite grid of
   lengthscales and variances), which isolates the sampler's own error from the learned prior's.
 
+The diffusion rows run on the CPU, or with ``--devices cpu cuda`` on each device named (rows
+off the CPU carry its name, e.g. ``diffusion langevin cuda 20``; the GPU's wall time is taken
+after ``torch.cuda.synchronize``); NUTS always runs on the CPU.
+
 The priors are trained with the Gaussian skip (``--no-gaussian-skip``: without, as before
 it existed; ``--skip-components K``: a skip that is the denoiser of a ``K``-component Gaussian
 mixture fitted to the draws by EM, for the ``hyper`` form) and the default network
@@ -40,7 +44,8 @@ mixture fitted to the draws by EM, for the ``hyper`` form) and the default netwo
 
 The reference is a longer Pyro NUTS run on the same data (``--ref-chains`` x ``--ref-warmup`` +
 ``--ref-draws``; ``--ref-backend numpyro``: NumPyro's NUTS on the same model, for hyperpriors at
-``d >= 256`` where a long Pyro run takes hours), cached under ``--cache``. Columns, per
+``d >= 256`` where a long Pyro run takes hours, with ``--ref-parallel`` its chains at once,
+one per core), cached under ``--cache``. Columns, per
 coordinate of ``f`` and then summarised:
 
 - abs smd mean / max: ``|mean - ref mean| / ref sd``, mean and largest over coordinates;
@@ -71,6 +76,7 @@ Usage::
 """
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -155,12 +161,19 @@ def parse_args(argv=None):
     parser.add_argument("--ref-backend", choices=["pyro", "numpyro"], default="pyro",
                         help="the reference's NUTS (numpyro: the same model, for settings where "
                              "a long Pyro run takes hours, e.g. hyperpriors at d >= 256)")
+    parser.add_argument("--ref-parallel", action="store_true",
+                        help="with --ref-backend numpyro: run the reference's chains at once, "
+                             "one per CPU core (its wall time is not used in any ratio)")
     parser.add_argument("--ref-warmup", type=int, default=1000)
     parser.add_argument("--ref-draws", type=int, default=1000)
     parser.add_argument("--check-samples", type=int, default=2000,
                         help="prior draws for the covariance check (0: skip it)")
     parser.add_argument("--cache", default="/tmp/pyro_diffusion_bench_cache",
                         help="folder for trained priors and reference runs")
+    parser.add_argument("--devices", nargs="+", default=["cpu"],
+                        help="where the diffusion rows run, e.g. --devices cpu cuda (NUTS "
+                             "always runs on the CPU); rows on other devices than the CPU are "
+                             "labelled with it (cpu)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true",
@@ -174,6 +187,15 @@ def parse_args(argv=None):
         args.langevin_steps = [30]
         args.nuts_warmup = args.nuts_draws = 100
         args.ref_chains, args.ref_warmup, args.ref_draws = 2, 200, 200
+    for dev in args.devices:
+        try:
+            kind = torch.device(dev).type
+        except RuntimeError as err:
+            parser.error(f"--devices {dev}: {err}")
+        if kind == "cuda" and not torch.cuda.is_available():
+            parser.error(f"--devices {dev}: CUDA is not available on this machine")
+    if args.ref_parallel and args.ref_backend != "numpyro":
+        parser.error("--ref-parallel needs --ref-backend numpyro")
     if args.num_samples % args.batches:
         parser.error("--num-samples must be a multiple of --batches")
     return args
@@ -349,7 +371,7 @@ def cached_reference(args, label, form, lik, sqdist, chol, y, log):
     seed = derived_seed(args.seed, "ref", label, form, lik) % 2**31
     if args.ref_backend == "numpyro":
         f, wall, div = numpyro_run(args, sqdist, chol, lik, y, seed, args.ref_chains,
-                                   args.ref_warmup, args.ref_draws)
+                                   args.ref_warmup, args.ref_draws, parallel=args.ref_parallel)
     else:
         f, wall, div = nuts_run(args, sqdist, chol, lik, y, args.ref_chains, args.ref_warmup,
                                 args.ref_draws, seed)
@@ -361,12 +383,27 @@ def cached_reference(args, label, form, lik, sqdist, chol, y, log):
 
 def batch_result(run, size, note):
     """The ``methods`` entry of a finished ``DiffusionPosterior`` or ``DiffusionLangevin``."""
-    return {"f": run.get_samples(group_by_chain=True)["f"].double(), "wall": run.wall_time,
-            "size": size, "note": note}
+    return {"f": run.get_samples(group_by_chain=True)["f"].double().cpu(),
+            "wall": run.wall_time, "size": size, "note": note}
 
 
-def numpyro_run(args, sqdist, chol, lik, y, seed, chains=None, warmup=None, draws=None):
-    """NumPyro NUTS on the same whitened model (only called when numpyro and jax import)."""
+def on_devices(candidates, devices):
+    """``(tag, prior, preconditioner, device)`` for every candidate on every device: the
+    CPU's rows keep their tag, the others' get the device's name and a copy of the prior."""
+    out = []
+    for dev in devices:
+        for tag, prior, pre in candidates:
+            if torch.device(dev).type == "cpu":
+                out.append((tag, prior, pre, dev))
+            else:
+                out.append((f"{tag} {dev}", copy.deepcopy(prior).to(dev), pre, dev))
+    return out
+
+
+def numpyro_run(args, sqdist, chol, lik, y, seed, chains=None, warmup=None, draws=None,
+                parallel=False):
+    """NumPyro NUTS on the same whitened model (only called when numpyro and jax import);
+    ``parallel``: the chains at once, on the host devices ``numpyro_available`` set up."""
     import jax
     import jax.numpy as jnp
     import numpyro
@@ -395,7 +432,7 @@ def numpyro_run(args, sqdist, chol, lik, y, seed, chains=None, warmup=None, draw
 
     mcmc = MCMC(NUTS(model), num_warmup=warmup or args.nuts_warmup,
                 num_samples=draws or args.nuts_draws, num_chains=chains or args.nuts_chains,
-                chain_method="sequential", progress_bar=False)
+                chain_method="parallel" if parallel else "sequential", progress_bar=False)
     tic = time.perf_counter()
     mcmc.run(jax.random.PRNGKey(seed))
     f = mcmc.get_samples(group_by_chain=True)["f"]
@@ -405,11 +442,15 @@ def numpyro_run(args, sqdist, chol, lik, y, seed, chains=None, warmup=None, draw
     return torch.from_numpy(np.array(f, dtype=np.float64)), wall, divergences
 
 
-def numpyro_available(threads):
+def numpyro_available(threads, host_devices=1):
     # XLA's CPU backend uses every core unless told otherwise: match --threads.
-    if threads == 1:
-        os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false "
-                                           "intra_op_parallelism_threads=1")
+    # ``host_devices``: CPU devices for chains run in parallel (set before JAX starts).
+    if host_devices > 1:
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_"
+                                   f"platform_device_count={host_devices}").strip()
+    if threads == 1 and "intra_op_parallelism_threads" not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread"
+                                   "_eigen=false intra_op_parallelism_threads=1").strip()
     try:
         import jax  # noqa: F401
         import numpyro  # noqa: F401
@@ -483,7 +524,8 @@ def main(argv=None):
         print(f"[{time.perf_counter() - start:6.0f} s] {msg}", file=sys.stderr, flush=True)
 
     command = shlex.join([os.path.basename(sys.executable)] + sys.argv)
-    has_numpyro, numpyro_note = numpyro_available(args.threads)
+    has_numpyro, numpyro_note = numpyro_available(
+        args.threads, args.ref_chains if args.ref_parallel else 1)
     if args.ref_backend == "numpyro" and not has_numpyro:
         raise SystemExit(f"--ref-backend numpyro: {numpyro_note}")
     info = [f"command: `{command}`",
@@ -496,7 +538,8 @@ def main(argv=None):
             f"{args.batches} batches, ancestral, guidance auto; Pyro NUTS: {args.nuts_chains} x "
             f"({args.nuts_warmup} + {args.nuts_draws}); reference: "
             f"{'Pyro' if args.ref_backend == 'pyro' else 'NumPyro'} NUTS "
-            f"{args.ref_chains} x ({args.ref_warmup} + {args.ref_draws}); seed {args.seed}"]
+            f"{args.ref_chains} x ({args.ref_warmup} + {args.ref_draws})"
+            f"{' in parallel' if args.ref_parallel else ''}; seed {args.seed}"]
     if not has_numpyro:
         info.append(numpyro_note)
     print("\n".join(info), flush=True)
@@ -538,6 +581,8 @@ def main(argv=None):
             elif args.exact_prior:
                 pre = "gaussian" if args.preconditioner == "auto" else args.preconditioner
                 candidates.append(("langevin, exact prior", scale_mixture_prior(sqdist), pre))
+            guided = on_devices([("", prior, None)], args.devices)
+            candidates = on_devices(candidates, args.devices)
             for lik in args.likelihoods:
                 truth, y, params = simulate(points, form, lik, args.seed)
                 log(f"setting d={label} {form} {lik}: field lengthscale "
@@ -566,26 +611,31 @@ def main(argv=None):
                         log(f"  NumPyro NUTS: {wall:.0f} s")
                     except Exception as err:  # an optional baseline never stops the run
                         log(f"  NumPyro NUTS failed: {type(err).__name__}: {err}")
-                for steps in [] if args.skip_guided else args.steps:
-                    post = DiffusionPosterior(diffusion_model, guidance="auto",
-                                              num_samples=args.num_samples,
-                                              batch_size=args.num_samples // args.batches,
-                                              num_steps=steps, progress=False,
-                                              seed=derived_seed(args.seed, "diffusion", label,
-                                                                form, lik, steps))
-                    post.run(prior, lik, y.float())
-                    name = f"diffusion {steps}"
-                    methods[name] = batch_result(post, f"{args.num_samples} / {steps}",
-                                                 type(post.guidance_used).__name__)
-                    log(f"  {name}: {post.wall_time:.1f} s")
-                for _, p_, pre in candidates if args.langevin_steps else []:
+                for _, p_, pre, dev in candidates if args.langevin_steps else []:
                     # Untimed: the first double backward of a process imports torch._dynamo
-                    # (and sympy), 0.3-2 s once, which would land on the first timed run.
+                    # (and sympy), 0.3-2 s once, which would land on the first timed run; on
+                    # a GPU the first run also pays for CUDA's start and its kernels' loading.
                     DiffusionLangevin(diffusion_model, num_samples=2, num_steps=1, batch_size=2,
                                       preconditioner=pre, progress=False,
-                                      seed=0).run(p_, lik, y.float())
+                                      seed=0).run(p_, lik, y.float().to(dev))
+                for _, p_, _, dev in [] if args.skip_guided else guided:
+                    DiffusionPosterior(diffusion_model, num_samples=2, num_steps=2,
+                                       progress=False, seed=0).run(p_, lik, y.float().to(dev))
+                for steps in [] if args.skip_guided else args.steps:
+                    for tag_, p_, _, dev in guided:
+                        post = DiffusionPosterior(diffusion_model, guidance="auto",
+                                                  num_samples=args.num_samples,
+                                                  batch_size=args.num_samples // args.batches,
+                                                  num_steps=steps, progress=False,
+                                                  seed=derived_seed(args.seed, "diffusion", label,
+                                                                    form, lik, steps))
+                        post.run(p_, lik, y.float().to(dev))
+                        name = f"diffusion{tag_} {steps}"
+                        methods[name] = batch_result(post, f"{args.num_samples} / {steps}",
+                                                     type(post.guidance_used).__name__)
+                        log(f"  {name}: {post.wall_time:.1f} s")
                 for steps in args.langevin_steps:
-                    for tag_, p_, pre in candidates:
+                    for tag_, p_, pre, dev in candidates:
                         run = DiffusionLangevin(diffusion_model, num_samples=args.num_samples,
                                                 num_steps=steps,
                                                 denoise_steps=args.denoise_steps,
@@ -594,7 +644,7 @@ def main(argv=None):
                                                 progress=False,
                                                 seed=derived_seed(args.seed, "langevin", label,
                                                                   form, lik, steps))
-                        run.run(p_, lik, y.float())
+                        run.run(p_, lik, y.float().to(dev))
                         name = f"diffusion {tag_} {steps}"
                         methods[name] = batch_result(
                             run, f"{args.num_samples} / {steps}+{run.denoise_steps_used}",

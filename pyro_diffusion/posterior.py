@@ -66,6 +66,8 @@ class BatchPosterior:
         x = torch.cat(batches)
         samples = {lik.site: x}
         samples.update(lik.deterministic(x))
+        if x.device.type == "cuda":  # CUDA runs asynchronously: time the finished work
+            torch.cuda.synchronize(x.device)
         self.wall_time = time.perf_counter() - start
         self._samples = samples
         full = [s for s in sizes if s == sizes[0]]

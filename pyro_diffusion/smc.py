@@ -321,6 +321,8 @@ class DiffusionSMC:
                 filt.step(i)
             self._resample_generator = torch.Generator(device=prior.device)
             self._resample_generator.manual_seed(int(torch.randint(2 ** 62, ())))
+        if prior.device.type == "cuda":  # CUDA runs asynchronously: time the finished work
+            torch.cuda.synchronize(prior.device)
         self.wall_time = time.perf_counter() - start
         self._filter = filt
         self.guidance_used = guidance
