@@ -133,6 +133,8 @@ def parse_args(argv=None):
                         help="reverse steps of the diffusion posterior (100 200)")
     parser.add_argument("--langevin-steps", type=int, nargs="*", default=[20],
                         help="DiffusionLangevin steps (20; none: skip it)")
+    parser.add_argument("--step-size", type=float, default=0.5,
+                        help="DiffusionLangevin's step_size (0.5, its default)")
     parser.add_argument("--denoise-steps", type=int, default=None,
                         help="DiffusionLangevin's final denoising steps (default: its own, 8 "
                              "with the Gaussian preconditioner, 32 with the diagonal one)")
@@ -639,6 +641,7 @@ def main(argv=None):
                         run = DiffusionLangevin(diffusion_model, num_samples=args.num_samples,
                                                 num_steps=steps,
                                                 denoise_steps=args.denoise_steps,
+                                                step_size=args.step_size,
                                                 preconditioner=pre,
                                                 batch_size=args.num_samples // args.batches,
                                                 progress=False,

@@ -190,7 +190,13 @@ class DiffusionLangevin(BatchPosterior):
         ``rho_min`` (diagonal preconditioner only).
     :param float step_size: the BAOAB step, as a fraction of the stiffest local period (with
         the Gaussian preconditioner: of the Laplace approximation's period, the same in every
-        direction); stable below 2, 0.5 keeps the discretisation bias small.
+        direction); stable below 2, 0.5 keeps the discretisation bias small for priors close
+        to Gaussian near the posterior. For scale mixtures in many dimensions (fields under
+        hyperpriors) it does not: on GP fields of 256 points with Poisson counts under
+        lengthscale and variance hyperpriors, 0.5 left means 0.42 posterior sds off and sds
+        19 % too wide, at 20 steps as at 100, with the exact prior as with a learned one; 0.35
+        with 100 steps matched NUTS (``bench/vs_nuts.py`` run 18). Check such a prior on a
+        stand-in problem with a reference, and lower the step with more steps first.
     :param float persistence: the fraction of the momentum kept at each step (0: overdamped
         Langevin; close to 1: Hamiltonian-like, less random-walk behaviour).
     :param int denoise_steps: ancestral reverse steps from ``rho_min`` to 0 for the final draw
