@@ -50,8 +50,8 @@ is the identity, with the diffusion prior's own score. The Langevin steps then o
 correct what the approximation misses (the prior's non-Gaussian part, the likelihood's
 curvature away from the mode), and every direction, smooth or rough, well or weakly
 identified, moves at the same pace: on GP fields with 256 or 1024 Poisson or Binomial counts
-20 steps match long NUTS runs (``bench/vs_nuts.py``), where the annealed diagonal dynamics need
-200.
+and fixed kernel hyperparameters 20 steps match long NUTS runs (``bench/vs_nuts.py``), where
+the annealed diagonal dynamics need 200 (under hyperpriors see ``step_size``).
 For a Gaussian prior with Gaussian observations the approximation is the target itself, and
 BAOAB keeps it exactly (its position marginal is exact for Gaussian targets), so the draws are
 exact after any number of steps.
