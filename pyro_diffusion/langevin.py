@@ -51,7 +51,9 @@ correct what the approximation misses (the prior's non-Gaussian part, the likeli
 curvature away from the mode), and every direction, smooth or rough, well or weakly
 identified, moves at the same pace: on GP fields with 256 or 1024 Poisson or Binomial counts
 and fixed kernel hyperparameters 20 steps match long NUTS runs (``bench/vs_nuts.py``), where
-the annealed diagonal dynamics need 200 (under hyperpriors see ``step_size``).
+the annealed diagonal dynamics need 200. A prior that declares itself a Gaussian mixture
+(:func:`declares_mixture`: a mixture skip, as trained for fields under hyperpriors) gets 40
+steps at twice the blur instead (see ``rho_min``).
 For a Gaussian prior with Gaussian observations the approximation is the target itself, and
 BAOAB keeps it exactly (its position marginal is exact for Gaussian targets), so the draws are
 exact after any number of steps.
@@ -118,16 +120,19 @@ import torch
 from tqdm.auto import tqdm
 
 from .covariance import shrunk_eigh
+from .exact import GaussianMixtureDenoiser
 from .noise_grid import noise_grid
 from .posterior import BatchPosterior
 from .samplers import reverse_sample
 
 PRECONDITIONERS = ("auto", "gaussian", "diagonal")
-#: Default Langevin steps and final denoising steps for each preconditioner.
-DEFAULT_STEPS = {"gaussian": 20, "diagonal": 200}
-DEFAULT_DENOISE_STEPS = {"gaussian": 8, "diagonal": 32}
-#: Default final blur, in units of the denoiser's ``data_std``, for each preconditioner.
-DEFAULT_RHO_MIN = {"gaussian": 0.05, "diagonal": 0.1}
+#: Default Langevin steps and final denoising steps for each preconditioner; ``"mixture"`` is
+#: the Gaussian preconditioner with a prior that declares itself a Gaussian mixture
+#: (:func:`declares_mixture`).
+DEFAULT_STEPS = {"gaussian": 20, "mixture": 40, "diagonal": 200}
+DEFAULT_DENOISE_STEPS = {"gaussian": 8, "mixture": 8, "diagonal": 32}
+#: Default final blur, in units of the denoiser's ``data_std``, as :data:`DEFAULT_STEPS`.
+DEFAULT_RHO_MIN = {"gaussian": 0.05, "mixture": 0.1, "diagonal": 0.1}
 
 
 def gaussian_part(prior):
@@ -142,6 +147,17 @@ def gaussian_part(prior):
             and evecs.shape[0] == prior.event_shape.numel():
         return den.data_mean.reshape(-1), evals, evecs
     return None
+
+
+def declares_mixture(prior):
+    """Whether the prior's denoiser is built on a Gaussian mixture of more than one component:
+    an :class:`~pyro_diffusion.EDMDenoiser` with a mixture skip (``gaussian_skip=K``,
+    ``K > 1``, as trained for fields under hyperpriors) or an exact
+    :class:`~pyro_diffusion.GaussianMixtureDenoiser`."""
+    den = prior.denoiser
+    if getattr(den, "skip_components", 0) > 1:
+        return True
+    return isinstance(den, GaussianMixtureDenoiser) and den.log_weights.numel() > 1
 
 
 def estimated_gaussian(prior, num_draws):
@@ -173,30 +189,43 @@ class DiffusionLangevin(BatchPosterior):
     :param int num_samples: posterior draws (independent chains of the dynamics).
     :param int num_steps: Langevin steps per draw; each costs one denoiser evaluation and
         two passes through the likelihood. The final denoising adds ``denoise_steps``.
-        Default 20 with the Gaussian preconditioner, 200 with the diagonal one.
+        Default 20 with the Gaussian preconditioner, 40 with it when the prior declares a
+        Gaussian mixture (:func:`declares_mixture`), 200 with the diagonal preconditioner.
     :param float rho_max: the blur at the start of the annealing (diagonal preconditioner
         only; default: the denoiser's ``data_std``, else 1).
     :param float rho_min: the blur at the end, and throughout with the Gaussian
         preconditioner (default: ``0.05 * data_std`` with the Gaussian preconditioner,
-        ``0.1 * data_std`` with the diagonal one). The draws target the posterior with each
+        ``0.1 * data_std`` with it when the prior declares a Gaussian mixture, and with the
+        diagonal one). The draws target the posterior with each
         observation's likelihood blurred by :math:`N(0, \rho_{\min}^2)` on the latent's scale:
         choose it below the posterior standard deviations you care about. The blur's bias on
         a smooth direction grows with the number of observations that inform it: on GP fields
         of 1024 points 0.1 left means 0.11-0.14 posterior sds off and 0.05 0.04-0.05
         (``bench/vs_nuts.py``). Smaller leans harder on a learned denoiser's score at small
         noise, where its relative error grows, and, with the diagonal preconditioner only,
-        mixes slower.
+        mixes slower. For priors that declare a Gaussian mixture, such as fields under
+        hyperpriors trained with a mixture skip, both effects call for the larger default: the
+        blur smooths the curvature that changes from one component to the next, and the
+        learned mixture priors measured broke down below about ``0.08 * data_std``. On GP
+        fields under lengthscale and variance hyperpriors (learned priors with an 8-Gaussian
+        skip, 40 steps) a blur of 0.09-0.13 left means 0.07-0.10 posterior sds off on 256
+        points and 0.06-0.08 on 64 (Binomial counts), where 0.05 left 0.38 and 0.12 on 256
+        points (Poisson, Binomial) and 0.56 on 64, and 0.07 or 0.08 produced divergences or
+        sds 16 % too wide (``bench/vs_nuts.py`` run 20). With the exact scale mixture 0.05 is
+        accurate on 64 points; the breakdown is the learned score's.
     :param float anneal: fraction of the steps spent lowering the blur; the rest run at
         ``rho_min`` (diagonal preconditioner only).
     :param float step_size: the BAOAB step, as a fraction of the stiffest local period (with
         the Gaussian preconditioner: of the Laplace approximation's period, the same in every
         direction); stable below 2, 0.5 keeps the discretisation bias small for priors close
         to Gaussian near the posterior. For scale mixtures in many dimensions (fields under
-        hyperpriors) it does not: on GP fields of 256 points with Poisson counts under
-        lengthscale and variance hyperpriors, 0.5 left means 0.42 posterior sds off and sds
-        19 % too wide, at 20 steps as at 100, with the exact prior as with a learned one; 0.35
-        with 100 steps matched NUTS (``bench/vs_nuts.py`` run 18). Check such a prior on a
-        stand-in problem with a reference, and lower the step with more steps first.
+        hyperpriors) at the small blur of a Gaussian prior it does not: on GP fields of 256
+        points with Poisson counts under lengthscale and variance hyperpriors, at a blur of
+        ``0.05 * data_std``, 0.5 left means 0.42 posterior sds off and sds 19 % too wide, at
+        20 steps as at 100, with the exact prior as with a learned one, and 0.35 needed 100
+        steps to match NUTS (``bench/vs_nuts.py`` run 18). At the mixture default blur
+        (``rho_min``) 0.5 with 40 steps matched NUTS there (run 20). Check such a prior on a
+        stand-in problem with a reference.
     :param float persistence: the fraction of the momentum kept at each step (0: overdamped
         Langevin; close to 1: Hamiltonian-like, less random-walk behaviour).
     :param int denoise_steps: ancestral reverse steps from ``rho_min`` to 0 for the final draw
@@ -317,14 +346,15 @@ class DiffusionLangevin(BatchPosterior):
                                        for t in part)
         gaussian = self._gaussian is not None
         self.preconditioner_used = "gaussian" if gaussian else "diagonal"
-        steps = self.num_steps or (DEFAULT_STEPS["gaussian" if gaussian else "diagonal"])
-        denoise = self.denoise_steps or (DEFAULT_DENOISE_STEPS["gaussian" if gaussian
-                                                               else "diagonal"])
+        regime = ("mixture" if declares_mixture(prior) else "gaussian") if gaussian \
+            else "diagonal"
+        steps = self.num_steps or DEFAULT_STEPS[regime]
+        denoise = self.denoise_steps or DEFAULT_DENOISE_STEPS[regime]
         self.num_steps_used, self.denoise_steps_used = steps, denoise
         scale = float(getattr(prior.denoiser, "data_std", 1.0))
         self.rho_max_used = self.rho_max if self.rho_max is not None else scale
         self.rho_min_used = self.rho_min if self.rho_min is not None \
-            else DEFAULT_RHO_MIN[self.preconditioner_used] * scale
+            else DEFAULT_RHO_MIN[regime] * scale
         if self.rho_min_used > self.rho_max_used:
             raise ValueError(f"rho_min ({self.rho_min_used:.4g}) must not exceed rho_max "
                              f"({self.rho_max_used:.4g})")
