@@ -549,8 +549,10 @@ def main(argv=None):
             f"average at the start {os.getloadavg()[0]:.2f}",
             f"priors: {args.num_train} GP draws, {args.train_steps} training steps, seed 0 "
             f"(cache {args.cache}); diffusion posterior: {args.num_samples} draws in "
-            f"{args.batches} batches, ancestral, guidance auto; Pyro NUTS: {args.nuts_chains} x "
-            f"({args.nuts_warmup} + {args.nuts_draws}); reference: "
+            f"{args.batches} batches, ancestral, guidance auto; "
+            + ("NUTS rows skipped" if args.skip_nuts else
+               f"Pyro NUTS: {args.nuts_chains} x ({args.nuts_warmup} + {args.nuts_draws})")
+            + "; reference: "
             f"{'Pyro' if args.ref_backend == 'pyro' else 'NumPyro'} NUTS "
             f"{args.ref_chains} x ({args.ref_warmup} + {args.ref_draws})"
             f"{' in parallel' if args.ref_parallel else ''}; seed {args.seed}"]
