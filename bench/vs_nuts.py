@@ -132,15 +132,17 @@ def parse_args(argv=None):
                         help="independent batches (= chains) of the diffusion draws")
     parser.add_argument("--steps", type=int, nargs="+", default=[100, 200],
                         help="reverse steps of the diffusion posterior (100 200)")
-    parser.add_argument("--langevin-steps", type=int, nargs="*", default=[20],
-                        help="DiffusionLangevin steps (20; none: skip it)")
+    parser.add_argument("--langevin-steps", type=int, nargs="*", default=[None],
+                        help="DiffusionLangevin steps (default: its own, 20 with the Gaussian "
+                             "preconditioner, 40 for priors that declare a mixture, such as "
+                             "the hyper ones with --skip-components > 1; none: skip it)")
     parser.add_argument("--step-size", type=float, nargs="+", default=[0.5],
                         help="DiffusionLangevin's step_size (0.5, its default); several give a "
                              "row for each with each --langevin-steps, labelled by the step")
     parser.add_argument("--rho-min", type=float, nargs="+", default=[None],
                         help="DiffusionLangevin's rho_min (default: its own, 0.05 data_std with "
-                             "the Gaussian preconditioner); several give a row for each, "
-                             "labelled by it")
+                             "the Gaussian preconditioner, 0.1 for priors that declare a "
+                             "mixture); several give a row for each, labelled by it")
     parser.add_argument("--denoise-steps", type=int, default=None,
                         help="DiffusionLangevin's final denoising steps (default: its own, 8 "
                              "with the Gaussian preconditioner, 32 with the diagonal one)")
@@ -662,16 +664,19 @@ def main(argv=None):
                                                 preconditioner=pre,
                                                 batch_size=args.num_samples // args.batches,
                                                 progress=False,
+                                                # Default steps: the seed of an explicit
+                                                # 20, as before mixture priors had their own.
                                                 seed=derived_seed(args.seed, "langevin", label,
-                                                                  form, lik, steps))
+                                                                  form, lik, steps or 20))
                         run.run(p_, lik, y.float().to(dev))
-                        name = f"diffusion {tag_} {steps}"
+                        name = f"diffusion {tag_} {run.num_steps_used}"
                         if len(args.step_size) > 1:
                             name += f" step {step_size:g}"
                         if len(args.rho_min) > 1 or rho_min is not None:
                             name += f" rho {run.rho_min_used:.3g}"
                         methods[name] = batch_result(
-                            run, f"{args.num_samples} / {steps}+{run.denoise_steps_used}",
+                            run, f"{args.num_samples} / {run.num_steps_used}+"
+                                 f"{run.denoise_steps_used}",
                             f"{run.preconditioner_used}, rho_min {run.rho_min_used:.3g}, "
                             f"{run.divergences} divergences")
                         log(f"  {name}: {run.wall_time:.1f} s")
