@@ -114,6 +114,7 @@ References:
 
 import copy
 import math
+import warnings
 
 import pyro
 import torch
@@ -273,7 +274,8 @@ class DiffusionLangevin(BatchPosterior):
     :param bool progress: show a progress bar over the steps.
 
     After :meth:`run`, ``wall_time`` holds the seconds spent, ``divergences`` the number of
-    chain-steps that produced a non-finite state and were undone (their momentum is redrawn),
+    chain-steps that produced a non-finite state and were undone (their momentum is redrawn;
+    :meth:`run` warns when there are any),
     ``num_evaluations`` the denoiser evaluations per draw, ``newton_iterations`` the Newton
     steps the Laplace approximation took (Gaussian preconditioner), ``mode_shift`` the length of
     the start's move by ``mode_iterations`` (in sds of the local mass; 0 without it),
@@ -322,6 +324,20 @@ class DiffusionLangevin(BatchPosterior):
         self.progress = progress
         self.divergences = 0
         self.num_evaluations = None
+
+    def run(self, *args, **kwargs):
+        """Sample the posterior of ``model(*args, **kwargs)``; returns ``self``. Warns
+        (``RuntimeWarning``) when chain-steps diverged (``divergences``)."""
+        super().run(*args, **kwargs)
+        if self.divergences:
+            total = self.num_samples * self.num_steps_used
+            warnings.warn(
+                f"DiffusionLangevin: {self.divergences} of {total} chain-steps reached a "
+                f"non-finite state and were undone; such runs can return draws far off or far "
+                f"too wide. Lower step_size (now {self.step_size:g}) or raise rho_min (now "
+                f"{self.rho_min_used:.3g}): a learned prior's score at small noise can be "
+                f"unreliable", RuntimeWarning, stacklevel=2)
+        return self
 
     def _prepare(self, lik, prior):
         self.divergences = 0
