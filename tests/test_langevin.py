@@ -349,6 +349,16 @@ def _scale_mixture_problem(d=24, scale=0.5):
     return mix, y, model, scale
 
 
+def _blurred_posterior_moments(mix, y, scale, rho):
+    """Per-coordinate mean and sd of the exact posterior of the mixture prior ``mix`` given
+    ``y`` seen with noise ``scale``, blurred by ``rho`` (noise variance ``scale^2 + rho^2``)."""
+    post, _ = mix.condition(torch.eye(y.shape[0], dtype=F64), y, scale ** 2 + rho ** 2)
+    mean = post.weights @ post.means
+    sd = (post.weights @ (post.covs.diagonal(dim1=-2, dim2=-1) + post.means.square())
+          - mean.square()).sqrt()
+    return mean, sd
+
+
 @pytest.mark.parametrize("local_curvature", [True, False])
 def test_scale_mixture_prior_needs_its_own_curvature(local_curvature):
     # A GP under a hyperprior on the lengthscale, as a 3-component scale mixture (exact
@@ -358,13 +368,10 @@ def test_scale_mixture_prior_needs_its_own_curvature(local_curvature):
     # chains escape to the rough component (draws too wide); the prior's own curvature at the
     # mode (the denoiser's Jacobian) fixes it.
     mix, y, model, scale = _scale_mixture_problem()
-    prior, d = DiffusionPrior(mix, y.shape), y.shape[0]
+    prior = DiffusionPrior(mix, y.shape)
     # The blur makes the target the posterior with noise variance scale^2 + rho^2.
     rho = 0.02
-    post, _ = mix.condition(torch.eye(d, dtype=F64), y, scale ** 2 + rho ** 2)
-    mean = post.weights @ post.means
-    sd = (post.weights @ (post.covs.diagonal(dim1=-2, dim2=-1) + post.means.square())
-          - mean.square()).sqrt()
+    mean, sd = _blurred_posterior_moments(mix, y, scale, rho)
     lang = DiffusionLangevin(model, num_samples=2000, num_steps=20, rho_min=rho, seed=0,
                              progress=False, preconditioner="gaussian",
                              local_curvature=local_curvature).run(prior, y)
@@ -428,10 +435,7 @@ def test_mixture_priors_get_their_own_defaults_and_match_the_blurred_posterior()
     rho = lang.rho_min_used
     assert lang.num_steps_used == DEFAULT_STEPS["mixture"]
     assert rho == pytest.approx(DEFAULT_RHO_MIN["mixture"] * float(mix.data_std))
-    post, _ = mix.condition(torch.eye(d, dtype=F64), y, scale ** 2 + rho ** 2)
-    mean = post.weights @ post.means
-    sd = (post.weights @ (post.covs.diagonal(dim1=-2, dim2=-1) + post.means.square())
-          - mean.square()).sqrt()
+    mean, sd = _blurred_posterior_moments(mix, y, scale, rho)
     f = lang.get_samples()["f"]
     smd = ((f.mean(0) - mean) / sd).abs().mean()
     ratio = (f.std(0) / sd).mean()
