@@ -687,21 +687,19 @@ def main(argv=None):
                                     "reference (NumPyro NUTS)",
                                     tag.replace("x", "x(") + ")", ref_wall, rs,
                                     rs["ess"] / ref_wall, "–", "–", f"{ref_div} divergences"))
-                nuts_ess_s = (scores["Pyro NUTS"]["ess"] / methods["Pyro NUTS"]["wall"]
-                              if "Pyro NUTS" in methods else None)
-                numpyro_ess_s = (scores["NumPyro NUTS"]["ess"] / methods["NumPyro NUTS"]["wall"]
-                                 if "NumPyro NUTS" in methods else None)
+                nuts_ess_s, numpyro_ess_s = (
+                    scores[k]["ess"] / methods[k]["wall"] if k in methods else None
+                    for k in ("Pyro NUTS", "NumPyro NUTS"))
                 for name, m in methods.items():
                     s = scores[name]
                     ess_s = s["ess"] / m["wall"]
                     note = m["note"]
                     if name.startswith("diffusion"):
                         note = goal_met(s, m["wall"], nuts_ess_s, numpyro_ess_s, d) + f"; {note}"
+                    ratios = ("–" if base is None else f"{ess_s / base:.1f}"
+                              for base in (nuts_ess_s, numpyro_ess_s))
                     rows.append(fmt_row(label, form, lik, name, m["size"], m["wall"], s, ess_s,
-                                        "–" if nuts_ess_s is None
-                                        else f"{ess_s / nuts_ess_s:.1f}",
-                                        "–" if numpyro_ess_s is None
-                                        else f"{ess_s / numpyro_ess_s:.1f}", note))
+                                        *ratios, note))
                     log("  " + " | ".join(map(str, rows[-1][3:])))
     prior_header = ["d", "form", "train draws", "train steps", "train s", "val loss",
                     "cov rel. error", "floor", "sd ratio"]
