@@ -154,7 +154,12 @@ def declares_mixture(prior):
     """Whether the prior's denoiser is built on a Gaussian mixture of more than one component:
     an :class:`~pyro_diffusion.EDMDenoiser` with a mixture skip (``gaussian_skip=K``,
     ``K > 1``, as trained for fields under hyperpriors) or an exact
-    :class:`~pyro_diffusion.GaussianMixtureDenoiser`."""
+    :class:`~pyro_diffusion.GaussianMixtureDenoiser`. :class:`DiffusionLangevin` then uses
+    the ``"mixture"`` entries of :data:`DEFAULT_STEPS` and :data:`DEFAULT_RHO_MIN`.
+
+    :param DiffusionPrior prior: the prior.
+    :rtype: bool
+    """
     den = prior.denoiser
     if getattr(den, "skip_components", 0) > 1:
         return True
