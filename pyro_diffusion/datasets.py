@@ -54,6 +54,8 @@ from pathlib import Path
 import torch
 from torch.distributions import Distribution
 
+from .seeding import seeded
+
 __all__ = ["CAR_MODELS", "KERNELS", "PrevalenceSurvey", "SIDSData", "TokyoMortalityData",
            "car_covariance", "gp_covariance", "knn_adjacency", "load_nc_sids",
            "load_tokyo_mortality", "matern32_kernel", "matern52_kernel", "rbf_kernel",
@@ -215,10 +217,9 @@ def _draw_hyperparameter(value, name, num_samples, generator):
         draws = value.sample((num_samples,))
     else:
         # Distributions sample from the global RNG: seed it from the private generator inside
-        # fork_rng, which restores the global state afterwards.
+        # seeded, which restores the global state afterwards.
         sub_seed = int(torch.randint(2 ** 62, (1,), generator=generator).item())
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sub_seed)
+        with seeded(sub_seed):
             draws = value.sample((num_samples,))
     draws = draws.detach().to(device="cpu", dtype=torch.float64).reshape(num_samples)
     if not (torch.isfinite(draws).all() and (draws > 0).all()):
@@ -403,8 +404,7 @@ def _draw_bounded(value, name, num_samples, generator, low, high, closed, exampl
         draws = value.sample((num_samples,))
     else:
         sub_seed = int(torch.randint(2 ** 62, (1,), generator=generator).item())
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sub_seed)
+        with seeded(sub_seed):
             draws = value.sample((num_samples,))
     draws = draws.detach().to(device="cpu", dtype=torch.float64).reshape(num_samples)
     ok = torch.isfinite(draws) & _in_interval(draws, low, high, closed)

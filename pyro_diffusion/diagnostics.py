@@ -48,7 +48,6 @@ import warnings
 from collections.abc import Mapping
 
 import numpy as np
-import pyro
 import torch
 from pyro import poutine
 from pyro.infer import MCMC, NUTS
@@ -58,6 +57,7 @@ from .inference_data import _import_arviz, _to_numpy
 from .inference_data import to_inference_data as _build_inference_data
 from .metrics import _quantiles, sliced_wasserstein
 from .posterior import BatchPosterior
+from .seeding import seeded
 from .smc import DiffusionSMC
 
 __all__ = ["compare_posteriors", "plot_comparison", "run_nuts", "to_inference_data"]
@@ -108,13 +108,14 @@ def _seeded(seed):
     if seed is None:
         yield
         return
-    devices = []
+    device = None  # NUTS runs where the model's tensors are: the current GPU once in use
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        devices = [torch.cuda.current_device()]
+        device = torch.device("cuda", torch.cuda.current_device())
     py_state, np_state = random.getstate(), np.random.get_state()
     try:
-        with torch.random.fork_rng(devices=devices):
-            pyro.set_rng_seed(seed)  # seeds torch, numpy and random
+        with seeded(seed, device):
+            random.seed(seed)
+            np.random.seed(seed)
             yield
     finally:
         random.setstate(py_state)
@@ -213,10 +214,11 @@ def run_nuts(model, *args, num_samples=500, warmup_steps=500, num_chains=2, seed
         mcmc.deterministic_samples["f"]            # (2, 1000, d): the field itself
         compare_posteriors({"nuts": mcmc, "diffusion": posterior}, "f")
 
-    Seeding: with an integer ``seed`` the run calls ``pyro.set_rng_seed(seed)`` inside
-    :func:`torch.random.fork_rng` and restores the ``random`` and ``numpy`` states afterwards,
-    so the caller's global random state is untouched and the run is reproducible (parallel
-    chain ``i`` is seeded ``seed + i`` by Pyro). ``seed=None`` uses and advances the global
+    Seeding: with an integer ``seed`` the run seeds torch (the CPU generator, and the current
+    GPU's once CUDA is in use), ``numpy`` and ``random`` with it, as ``pyro.set_rng_seed(seed)``
+    does, and restores all of them afterwards (:func:`~pyro_diffusion.seeding.seeded`), so the
+    caller's global random state is untouched and the run is reproducible (parallel chain
+    ``i`` is seeded ``seed + i`` by Pyro). ``seed=None`` uses and advances the global
     generators.
 
     :param callable model: a Pyro model whose latent sites all have tractable densities

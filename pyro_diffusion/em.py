@@ -43,6 +43,7 @@ from .networks import default_network
 from .posterior import DiffusionPosterior
 from .preconditioning import EDMDenoiser, use_gaussian_skip
 from .prior import DiffusionPrior
+from .seeding import forked, manual_seed
 from .serialization import module_from_dict, module_to_dict
 from .training import train_denoiser
 
@@ -232,10 +233,9 @@ def fit_prior(model, data, *, event_shape, laps=8, prior=None, guidance="auto",
         path = os.path.join(os.fspath(checkpoint_dir), CHECKPOINT_NAME)
         if resume and os.path.exists(path):
             state = run.load(path)
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
+    with forked(device):
         if state is None:
-            torch.manual_seed(_seed(seed, "init"))
+            manual_seed(_seed(seed, "init"), device)
             if prior is not None:
                 if not isinstance(prior.denoiser, EDMDenoiser):
                     raise ValueError("a starting prior for fit_prior needs an EDMDenoiser "
@@ -253,7 +253,7 @@ def fit_prior(model, data, *, event_shape, laps=8, prior=None, guidance="auto",
         try:
             while state["lap"] < int(laps):
                 lap = state["lap"] + 1
-                torch.manual_seed(_seed(seed, "lap", lap))
+                manual_seed(_seed(seed, "lap", lap), device)
                 state, interrupted = run.lap(state, lap)
                 if interrupted:
                     warnings.warn(

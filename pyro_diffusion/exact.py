@@ -43,6 +43,13 @@ def _eigh(cov, name):
     return evals.clamp(min=0.0), evecs
 
 
+def _common_device(*values):
+    """The device of the first tensor among ``values`` that is not on the CPU, else the CPU:
+    an exact denoiser built from a CPU mean and a GPU covariance lives on the GPU."""
+    return next((v.device for v in values
+                 if isinstance(v, torch.Tensor) and v.device.type != "cpu"), torch.device("cpu"))
+
+
 def _flat(x, event_shape):
     if tuple(x.shape[-len(event_shape):]) != event_shape:
         raise ValueError(f"expected x of shape (batch, *{event_shape}), got {tuple(x.shape)}")
@@ -56,7 +63,8 @@ def _sigma_column(sigma, x_flat):
 
 @register_denoiser
 class GaussianDenoiser(nn.Module):
-    r"""Exact denoiser of :math:`N(\mu, \Sigma)` data.
+    r"""Exact denoiser of :math:`N(\mu, \Sigma)` data. Its buffers live where its arguments
+    do (on a GPU if any of them is on one).
 
     :param torch.Tensor mean: :math:`\mu`, of the event's shape (or flat).
     :param torch.Tensor cov: :math:`\Sigma`, of shape ``(d, d)`` with ``d`` the event's size;
@@ -66,7 +74,7 @@ class GaussianDenoiser(nn.Module):
 
     def __init__(self, mean, cov, event_shape=None):
         super().__init__()
-        mean = torch.as_tensor(mean)
+        mean = torch.as_tensor(mean, device=_common_device(mean, cov))
         if not mean.is_floating_point():
             mean = mean.to(torch.get_default_dtype())
         cov = torch.as_tensor(cov, dtype=mean.dtype, device=mean.device)
@@ -161,7 +169,8 @@ class GaussianDenoiser(nn.Module):
 
 @register_denoiser
 class GaussianMixtureDenoiser(nn.Module):
-    r"""Exact denoiser of Gaussian-mixture data :math:`\sum_k w_k N(\mu_k, \Sigma_k)`.
+    r"""Exact denoiser of Gaussian-mixture data :math:`\sum_k w_k N(\mu_k, \Sigma_k)`. Its
+    buffers live where its arguments do (on a GPU if any of them is on one).
 
     :param torch.Tensor weights: mixture weights of shape ``(K,)`` (normalised internally).
     :param torch.Tensor means: component means of shape ``(K, d)`` or ``(K, *event_shape)``.
@@ -173,7 +182,7 @@ class GaussianMixtureDenoiser(nn.Module):
 
     def __init__(self, weights, means, covs, event_shape=None):
         super().__init__()
-        means = torch.as_tensor(means)
+        means = torch.as_tensor(means, device=_common_device(weights, means, covs))
         if not means.is_floating_point():
             means = means.to(torch.get_default_dtype())
         weights = torch.as_tensor(weights, dtype=means.dtype, device=means.device)

@@ -21,7 +21,6 @@ arguments as a list.
 """
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -36,6 +35,7 @@ from .datasets import sample_gp
 from .metrics import sliced_wasserstein
 from .prior import DiffusionPrior
 from .samplers import SAMPLERS
+from .seeding import seeded
 
 #: Points of the grid on [0, 1].
 GRID_SIZE = 64
@@ -155,15 +155,6 @@ def _check_device(name, parser):
     if device.type == "mps" and not torch.backends.mps.is_available():
         parser.error(f"--device {name}: MPS is not available on this machine")
     return device
-
-
-@contextlib.contextmanager
-def _seeded(seed, device):
-    """Seed the global RNG (CPU, and ``device`` when it is a GPU) and restore it afterwards."""
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
 
 
 def _read_metadata(path):
@@ -324,7 +315,7 @@ def run(args, parser=None):
                    f"calls), sigma_max {prior.sigma_max:g}")
     print(f"drawing {args.num_samples} samples ({how_sampled})")
     t = time.perf_counter()
-    with _seeded(args.seed + 3, device):
+    with seeded(args.seed + 3, device):
         samples = prior.sample((args.num_samples,))
     samples = samples.detach().to("cpu", torch.float32)
     sampling_seconds = time.perf_counter() - t

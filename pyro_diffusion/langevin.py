@@ -125,6 +125,7 @@ from .exact import GaussianMixtureDenoiser
 from .noise_grid import noise_grid
 from .posterior import BatchPosterior
 from .samplers import reverse_sample
+from .seeding import seeded
 
 PRECONDITIONERS = ("auto", "gaussian", "diagonal")
 #: Default Langevin steps and final denoising steps for each preconditioner; ``"mixture"`` is
@@ -274,7 +275,9 @@ class DiffusionLangevin(BatchPosterior):
         3 % with it (``bench/vs_nuts.py`` run 16). 0 keeps the Gaussian part's mode.
     :param int batch_size: draws per batch; each batch is independent and becomes one ArviZ
         chain.
-    :param device: where to sample (default: the prior's device).
+    :param device: where to sample (default: the prior's device). The prior (in place) and
+        the model's tensor arguments are moved there
+        (:class:`~pyro_diffusion.likelihood.ModelLikelihood`).
     :param int seed: seed for the run (the global RNG is restored afterwards).
     :param bool progress: show a progress bar over the steps.
 
@@ -356,10 +359,7 @@ class DiffusionLangevin(BatchPosterior):
             if part is None and self.preconditioner == "gaussian":
                 draws = max(2 * prior.event_shape.numel(), 1000)
                 # Seeded like the run (which seeds only after _prepare), global RNG untouched.
-                cuda = [prior.device] if prior.device.type == "cuda" else []
-                with torch.random.fork_rng(devices=cuda):
-                    if self.seed is not None:
-                        torch.manual_seed(self.seed)
+                with seeded(self.seed, prior.device):
                     part = estimated_gaussian(prior, draws)
                 extra = prior.num_evaluations * draws / self.num_samples
             if part is not None:
@@ -436,7 +436,8 @@ class DiffusionLangevin(BatchPosterior):
                 xs = x.expand(n, d).clone().requires_grad_(True)
                 sigma = torch.full((n,), rho, dtype=x.dtype, device=x.device)
                 out = den(xs.reshape((n,) + tuple(event_shape)), sigma).reshape(n, d)
-                diag = out[torch.arange(n), torch.arange(start, start + n)]
+                idx = torch.arange(n, device=x.device)
+                diag = out[idx, idx + start]
                 (jac,) = torch.autograd.grad(diag.sum(), xs)
                 rows.append(jac)
         jac = torch.cat(rows)

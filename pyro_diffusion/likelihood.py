@@ -35,12 +35,32 @@ def _is_diffusion_site(site):
             and isinstance(_unwrap(site["fn"]), DiffusionPrior))
 
 
-class _SetDiffusionValue(Messenger):
-    """Give each ``DiffusionPrior`` site a value instead of running its reverse process."""
+def to_device(value, device):
+    """``value`` with every tensor in it, also inside tuples (named ones too), lists and
+    dicts, moved to ``device``; other objects are returned as they are.
 
-    def __init__(self, value=None):
+    :param value: a tensor, a container of them, or anything else.
+    :param device: the device.
+    """
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple) and hasattr(value, "_fields"):
+        return type(value)(*(to_device(v, device) for v in value))
+    if isinstance(value, (tuple, list)):
+        return type(value)(to_device(v, device) for v in value)
+    if isinstance(value, dict):
+        return type(value)((k, to_device(v, device)) for k, v in value.items())
+    return value
+
+
+class _SetDiffusionValue(Messenger):
+    """Give each ``DiffusionPrior`` site a value instead of running its reverse process (with
+    no value: zeros, on ``device`` if given, else on the prior's device)."""
+
+    def __init__(self, value=None, device=None):
         super().__init__()
         self.value = value
+        self.device = device
 
     def _pyro_sample(self, msg):
         if msg["is_observed"] or not isinstance(_unwrap(msg["fn"]), DiffusionPrior):
@@ -48,7 +68,7 @@ class _SetDiffusionValue(Messenger):
         fn = msg["fn"]
         if self.value is None:
             msg["value"] = torch.zeros(fn.shape(), dtype=_unwrap(fn).dtype,
-                                       device=_unwrap(fn).device)
+                                       device=self.device or _unwrap(fn).device)
         else:
             msg["value"] = self.value
         msg["infer"] = dict(msg["infer"], _diffusion_site=True)
@@ -81,17 +101,34 @@ class ModelLikelihood:
         ``pyro.deterministic`` sites.
     :param tuple args: positional arguments of the model.
     :param dict kwargs: keyword arguments of the model.
+    :param device: if given, move the tensors among ``args`` and ``kwargs`` (:func:`to_device`)
+        and the prior (in place, as ``nn.Module.to`` does) to this device. Tensors the model
+        takes from elsewhere (a closure, a global) are not moved: pass them as arguments.
     :raises ValueError: for a model without, or with more than one, diffusion site, for other
-        latent sites, for observations of the wrong shape, NaNs, or impossible counts.
+        latent sites, for observations of the wrong shape, NaNs, or impossible counts, and
+        for a model that mixes devices.
     """
 
-    def __init__(self, model, args=(), kwargs=None):
+    def __init__(self, model, args=(), kwargs=None, device=None):
         self.model = model
         self.args = tuple(args)
         self.kwargs = dict(kwargs or {})
-        with torch.no_grad():
-            trace = pyro.poutine.trace(_SetDiffusionValue()(model)).get_trace(*self.args,
-                                                                            **self.kwargs)
+        if device is not None:
+            device = torch.device(device)
+            self.args, self.kwargs = to_device(self.args, device), to_device(self.kwargs, device)
+        try:
+            with torch.no_grad():
+                trace = pyro.poutine.trace(_SetDiffusionValue(device=device)(model)).get_trace(
+                    *self.args, **self.kwargs)
+        except RuntimeError as e:
+            if "device" not in str(e):
+                raise
+            where = f"moved to {device}" if device is not None else "on the prior's device"
+            raise ValueError(
+                f"the model mixes devices when traced with its DiffusionPrior site's value "
+                f"{where}: {str(e).splitlines()[0]}. Pass the model's data as arguments and "
+                f"give the sampler device=... (tensor arguments and the prior are moved "
+                f"there), or move them yourself") from e
         diffusion, latent, observed, deterministic = [], [], [], []
         max_dim = 0
         for name, site in trace.nodes.items():
@@ -134,6 +171,8 @@ class ModelLikelihood:
             _check_observation(name, fn, value)
         self.site = diffusion[0]
         self.prior = _unwrap(site["fn"])
+        if device is not None:
+            self.prior.to(device)
         self.observed_sites = observed
         self.deterministic_sites = deterministic
         #: Plate dims the model uses (for callers that add their own plates to the left).

@@ -164,7 +164,9 @@ def fit_gaussian_mixture(samples, num_components, *, iterations=100, tol=1e-6, n
         raise ValueError(f"prior_strength must be positive and finite, got {prior_strength!r}")
     pooled = _pooled_covariance(x)
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
-    labels = _kmeans(_spectral_features(x, num_bands).cpu(), K, gen).to(x.device)
+    # The start on the CPU: the same clusters on every device (eigh's basis for near-equal
+    # eigenvalues differs between CPU and CUDA).
+    labels = _kmeans(_spectral_features(x.cpu(), num_bands), K, gen).to(x.device)
     resp = torch.nn.functional.one_hot(labels, K).to(x.dtype)
     history = []
     bar = tqdm(range(max(int(iterations), 1)), desc=f"EM, {K} Gaussians", disable=not progress,

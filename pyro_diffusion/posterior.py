@@ -7,7 +7,6 @@ The model is written in Pyro with one latent site distributed as a
 sampler runs with that denoiser in independent batches.
 """
 
-import contextlib
 import time
 
 import torch
@@ -18,6 +17,7 @@ from .inference_data import split_chains, to_inference_data
 from .likelihood import ModelLikelihood
 from .noise_grid import noise_grid
 from .samplers import check_sampler, reverse_sample
+from .seeding import seeded
 
 
 class BatchPosterior:
@@ -44,19 +44,12 @@ class BatchPosterior:
 
     def run(self, *args, **kwargs):
         """Sample the posterior of ``model(*args, **kwargs)``; returns ``self``."""
-        lik = ModelLikelihood(self.model, args, kwargs)
+        lik = ModelLikelihood(self.model, args, kwargs, device=self.device)
         prior = lik.prior
-        if self.device is not None:
-            prior.to(self.device)
         self._prepare(lik, prior)
-        devices = [prior.device] if prior.device.type == "cuda" else []
-        rng = torch.random.fork_rng(devices=devices) if self.seed is not None \
-            else contextlib.nullcontext()
         start = time.perf_counter()
         batches = []
-        with rng:
-            if self.seed is not None:
-                torch.manual_seed(self.seed)
+        with seeded(self.seed, prior.device):
             sizes = [min(self.batch_size, self.num_samples - i)
                      for i in range(0, self.num_samples, self.batch_size)]
             for b, size in enumerate(tqdm(sizes, desc="posterior batches",
@@ -109,7 +102,9 @@ class DiffusionPosterior(BatchPosterior):
     :param float eta: DDIM stochasticity.
     :param int batch_size: draws per batch; each batch is independent and becomes one ArviZ
         chain.
-    :param device: where to sample (default: the prior's device).
+    :param device: where to sample (default: the prior's device). The prior (in place) and
+        the model's tensor arguments are moved there
+        (:class:`~pyro_diffusion.likelihood.ModelLikelihood`).
     :param int seed: seed for the run (the global RNG is restored afterwards).
     :param bool progress: show a progress bar over batches and steps.
     """

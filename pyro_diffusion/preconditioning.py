@@ -58,6 +58,7 @@ References:
   matrices*, Journal of Multivariate Analysis 88.
 """
 
+import itertools
 import math
 import numbers
 
@@ -117,7 +118,10 @@ class EDMDenoiser(nn.Module):
         std = float(std)
         if not (math.isfinite(std) and std > 0):
             raise ValueError(f"std must be positive and finite, got {std}")
-        mean = torch.as_tensor(mean, dtype=torch.get_default_dtype())
+        # The statistics live with the network (a module moved before it was wrapped).
+        device = next(itertools.chain(net.parameters(), net.buffers()),
+                      torch.as_tensor(mean)).device
+        mean = torch.as_tensor(mean, dtype=torch.get_default_dtype(), device=device)
         self.register_buffer("mean", mean.expand(self.event_shape).clone())
         self.std = std
         self.sigma_data = float(sigma_data)
@@ -126,15 +130,15 @@ class EDMDenoiser(nn.Module):
         if self.skip_components:
             d = math.prod(self.event_shape)
             dtype = self.mean.dtype
-            self.register_buffer("skip_basis", torch.eye(d, dtype=dtype))
+            self.register_buffer("skip_basis", torch.eye(d, dtype=dtype, device=device))
             self.register_buffer("skip_eigenvalues", torch.full((d,), self.sigma_data ** 2,
-                                                                dtype=dtype))
+                                                                dtype=dtype, device=device))
         if self.skip_components > 1:
             K = self.skip_components
-            eye = torch.eye(d, dtype=dtype) * self.sigma_data ** 2
-            self.skip_mixture = GaussianMixtureDenoiser(torch.ones(K, dtype=dtype),
-                                                        torch.zeros(K, d, dtype=dtype),
-                                                        eye.expand(K, d, d).clone())
+            eye = torch.eye(d, dtype=dtype, device=device) * self.sigma_data ** 2
+            self.skip_mixture = GaussianMixtureDenoiser(
+                torch.ones(K, dtype=dtype, device=device),
+                torch.zeros(K, d, dtype=dtype, device=device), eye.expand(K, d, d).clone())
 
     @property
     def gaussian_skip(self):

@@ -12,7 +12,6 @@ References:
   Generative Models*.
 """
 
-import contextlib
 import itertools
 import math
 import os
@@ -26,6 +25,7 @@ from .networks import default_network
 from .noise_grid import noise_grid
 from .preconditioning import EDMDenoiser, use_gaussian_skip
 from .samplers import check_sampler, num_evaluations, reverse_sample
+from .seeding import seeded
 from .serialization import module_from_dict, module_to_dict
 from .training import check_samples, train_denoiser
 
@@ -54,7 +54,9 @@ class DiffusionPrior(TorchDistribution):
     :param callable denoiser: an ``nn.Module`` (or callable) with
         ``denoiser(x, sigma) -> x0_hat`` for ``x`` of shape ``(batch, *event_shape)`` and
         ``sigma`` of shape ``(batch,)``, estimating :math:`E[x_0 \mid x_0 + \sigma\varepsilon = x]`
-        in the data's own units.
+        in the data's own units. The prior runs where the module's tensors are; a callable
+        that is not an ``nn.Module`` runs on its ``device`` and ``dtype`` attributes, without
+        them on the CPU in the default dtype.
     :param tuple event_shape: shape of one draw.
     :param float sigma_min: smallest positive noise level of the grid (default
         ``0.002 * data_std``).
@@ -134,16 +136,23 @@ class DiffusionPrior(TorchDistribution):
 
     @property
     def device(self):
-        return _module_device_dtype(self.denoiser)[0] if isinstance(self.denoiser, nn.Module) \
-            else torch.device("cpu")
+        if isinstance(self.denoiser, nn.Module):
+            return _module_device_dtype(self.denoiser)[0]
+        return torch.device(getattr(self.denoiser, "device", "cpu"))
 
     @property
     def dtype(self):
-        return _module_device_dtype(self.denoiser)[1] if isinstance(self.denoiser, nn.Module) \
-            else torch.get_default_dtype()
+        if isinstance(self.denoiser, nn.Module):
+            return _module_device_dtype(self.denoiser)[1]
+        return getattr(self.denoiser, "dtype", torch.get_default_dtype())
 
     def to(self, device=None, dtype=None):
         """Move the denoiser (in place) and return the prior."""
+        if not callable(getattr(self.denoiser, "to", None)):
+            raise TypeError(
+                f"the denoiser ({type(self.denoiser).__name__}) is not an nn.Module and has no "
+                f"'to' method, so it cannot be moved; build it where it should run and give it "
+                f"'device' and 'dtype' attributes, or wrap it in an nn.Module")
         self.denoiser.to(device=device, dtype=dtype)
         return self
 
@@ -187,7 +196,7 @@ class DiffusionPrior(TorchDistribution):
 
         :param torch.Tensor x: noisy values of shape ``(..., *event_shape)``.
         :param sigma: noise level: a float or a tensor broadcastable to ``x``'s batch shape.
-        :returns: a tensor of ``x``'s shape.
+        :returns: a tensor of ``x``'s shape, on the prior's device (``x`` is moved there).
         """
         flat, sigma, lead = self._flatten(x, sigma)
         out = self.denoiser(flat, sigma)
@@ -268,12 +277,7 @@ class DiffusionPrior(TorchDistribution):
         device = torch.device(device) if device is not None else samples.device
         if not 0.0 <= validation_fraction < 1.0:
             raise ValueError(f"validation_fraction must be in [0, 1), got {validation_fraction}")
-        devices = [device] if device.type == "cuda" else []
-        rng = torch.random.fork_rng(devices=devices) if seed is not None \
-            else contextlib.nullcontext()
-        with rng:
-            if seed is not None:
-                torch.manual_seed(seed)
+        with seeded(seed, device):
             samples = samples.to(device)
             n_val = int(round(validation_fraction * samples.shape[0]))
             if n_val:

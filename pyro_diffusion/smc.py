@@ -28,7 +28,6 @@ Reference: Wu, Trippe, Naesseth, Blei, Cunningham (2023), *Practical and Asympto
 Conditional Sampling in Diffusion Models* (TDS).
 """
 
-import contextlib
 import math
 import time
 
@@ -50,6 +49,7 @@ from .guidance import (
 from .inference_data import to_inference_data
 from .likelihood import ModelLikelihood
 from .noise_grid import noise_grid
+from .seeding import seeded
 
 #: Largest number of Gaussian observations for which ``guidance="auto"`` twists with MMPS
 #: (whose twist builds the full moment-matched covariance, one product per observation);
@@ -260,7 +260,9 @@ class DiffusionSMC:
     :param float ess_threshold: resample when the effective sample size falls below this
         fraction of the particles (default 0.5).
     :param int batch_size: particles per denoiser call (bounds memory; default 4096).
-    :param device: where to run (default: the prior's device).
+    :param device: where to run (default: the prior's device). The prior (in place) and
+        the model's tensor arguments are moved there
+        (:class:`~pyro_diffusion.likelihood.ModelLikelihood`).
     :param int seed: seed for the run (the global RNG is restored afterwards).
     :param bool progress: show a progress bar over steps.
 
@@ -296,10 +298,8 @@ class DiffusionSMC:
 
     def run(self, *args, **kwargs):
         """Run the filter on ``model(*args, **kwargs)``; returns ``self``."""
-        lik = ModelLikelihood(self.model, args, kwargs)
+        lik = ModelLikelihood(self.model, args, kwargs, device=self.device)
         prior = lik.prior
-        if self.device is not None:
-            prior.to(self.device)
         guidance = resolve_twist(self.guidance, lik)
         guidance.check(lik)
         num_steps = self.num_steps or prior.num_steps
@@ -309,13 +309,8 @@ class DiffusionSMC:
         filt = _EvidenceFilter(_TargetModel(run), _ProposalGuide(run), self.num_particles,
                                self.ess_threshold, lik.max_plate_nesting, prior.dtype,
                                prior.device)
-        devices = [prior.device] if prior.device.type == "cuda" else []
-        rng = torch.random.fork_rng(devices=devices) if self.seed is not None \
-            else contextlib.nullcontext()
         start = time.perf_counter()
-        with rng:
-            if self.seed is not None:
-                torch.manual_seed(self.seed)
+        with seeded(self.seed, prior.device):
             filt.init(num_particles=self.num_particles)
             for i in tqdm(range(run.last), desc="SMC", disable=not self.progress):
                 filt.step(i)

@@ -50,9 +50,9 @@ def test_fit_on_cuda_then_load_on_cpu(tmp_path):
                                atol=1e-4, rtol=1e-4)
 
 
-def _poisson_gp_problem(**prior_settings):
-    """A 5-point GP prior (exact denoiser, on CUDA) with Poisson counts, the model, and the
-    posterior mean and sd by importance sampling 400 000 prior draws on the CPU."""
+def _poisson_gp_problem(device="cuda", **prior_settings):
+    """A 5-point GP prior (exact denoiser, on ``device``) with Poisson counts, the model, and
+    the posterior mean and sd by importance sampling 400 000 prior draws on the CPU."""
     import pyro
     import pyro.distributions as dist
 
@@ -61,10 +61,10 @@ def _poisson_gp_problem(**prior_settings):
     d = 5
     pts = torch.linspace(0, 1, d)
     cov = torch.exp(-0.5 * (pts[:, None] - pts[None]) ** 2 / 0.3**2) + 1e-3 * torch.eye(d)
-    prior = DiffusionPrior(GaussianDenoiser(torch.zeros(d), cov).to("cuda"), (d,),
+    prior = DiffusionPrior(GaussianDenoiser(torch.zeros(d), cov).to(device), (d,),
                            **prior_settings)
-    exposure = torch.full((d,), 3.0, device="cuda")
-    y = torch.tensor([2.0, 5.0, 1.0, 0.0, 7.0], device="cuda")
+    exposure = torch.full((d,), 3.0, device=device)
+    y = torch.tensor([2.0, 5.0, 1.0, 0.0, 7.0], device=device)
 
     def model(prior, exposure, y):
         f = pyro.sample("f", prior)
@@ -151,3 +151,44 @@ def test_mixture_skip_fitted_on_cuda_matches_cpu():
         out = gpu(x.cuda(), sigma.cuda())
         assert torch.isfinite(out).all()
         torch.testing.assert_close(out.cpu(), cpu(x, sigma), atol=1e-3, rtol=1e-3)
+
+
+def test_device_argument_moves_the_prior_and_the_model_arguments():
+    # Everything built on the CPU; device="cuda" moves the prior (in place) and the tensor
+    # arguments, so the model's exposure * f.exp() meets no CPU tensor.
+    from pyro_diffusion import DiffusionLangevin, DiffusionPosterior
+
+    for make in (lambda m: DiffusionPosterior(m, num_samples=4000, batch_size=2000, seed=0,
+                                              progress=False, device="cuda"),
+                 lambda m: DiffusionLangevin(m, num_samples=4000, seed=0, progress=False,
+                                             device="cuda")):
+        model, args, mean, sd = _poisson_gp_problem(device="cpu", num_steps=100)
+        x = make(model).run(*args).get_samples()["f"]
+        assert x.device.type == "cuda" and args[0].device.type == "cuda"
+        assert args[1].device.type == "cpu"  # the caller's tensors are copied, not moved
+        assert ((x.mean(0).cpu() - mean) / sd).abs().max() < 0.3
+
+
+def test_a_seeded_cpu_run_leaves_the_cuda_generator_alone():
+    from pyro_diffusion import DiffusionPosterior
+
+    model, args, _, _ = _poisson_gp_problem(device="cpu", num_steps=20)
+    torch.cuda.init()
+    torch.cuda.manual_seed(123)
+    state = torch.cuda.get_rng_state()
+    DiffusionPosterior(model, num_samples=16, seed=0, progress=False).run(*args)
+    assert torch.equal(torch.cuda.get_rng_state(), state)
+
+
+def test_denoisers_built_from_gpu_parts_live_on_the_gpu():
+    from pyro_diffusion import MLP, EDMDenoiser, GaussianDenoiser
+
+    for k in (0, 1, 3):
+        den = EDMDenoiser(MLP((6,)).cuda(), (6,), gaussian_skip=k)
+        assert {b.device.type for b in den.buffers()} == {"cuda"}, k
+        out = DiffusionPrior(den, (6,)).denoise(torch.randn(4, 6), 0.5)
+        assert out.device.type == "cuda" and torch.isfinite(out).all()
+    g = GaussianDenoiser(torch.zeros(3), torch.eye(3, device="cuda"))
+    m = GaussianMixtureDenoiser(torch.ones(2), torch.zeros(2, 3, device="cuda"), torch.ones(2))
+    for den in (g, m):
+        assert {b.device.type for b in den.buffers()} == {"cuda"}

@@ -142,3 +142,33 @@ def _counts(kind, y, n=None):
 def test_clear_errors(model, match):
     with pytest.raises(ValueError, match=match):
         ModelLikelihood(model, (_prior(),))
+
+
+def test_to_device_moves_the_tensors_inside_containers():
+    from collections import namedtuple
+
+    from pyro_diffusion.likelihood import to_device
+
+    Pair = namedtuple("Pair", "a b")
+    value = (torch.ones(2), [torch.zeros(1), 3], {"k": Pair(torch.ones(1), "s")}, "text")
+    moved = to_device(value, "meta")
+    assert isinstance(moved, tuple) and isinstance(moved[1], list)
+    assert moved[0].device.type == moved[1][0].device.type == "meta" and moved[1][1] == 3
+    pair = moved[2]["k"]
+    assert isinstance(pair, Pair) and pair.a.device.type == "meta" and pair.b == "s"
+    assert moved[3] == "text" and value[0].device.type == "cpu"
+
+
+def test_a_model_that_mixes_devices_gets_a_clear_error_and_the_prior_stays():
+    # device= moves the arguments, not what the model takes from its enclosing scope.
+    scale = torch.ones(D)
+
+    def model(prior, y):
+        f = pyro.sample("f", prior)
+        pyro.sample("y", dist.Normal(f * scale, 1.0).to_event(1), obs=y)
+
+    prior = _prior()
+    with pytest.raises(ValueError, match="mixes devices when traced with its DiffusionPrior "
+                                         "site's value moved to meta.*as arguments"):
+        ModelLikelihood(model, (prior, torch.zeros(D)), device="meta")
+    assert prior.device.type == "cpu"

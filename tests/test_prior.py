@@ -236,3 +236,29 @@ def test_mixture_prior_as_pyro_site_matches_the_mixture():
     assert frac == pytest.approx(0.75, abs=0.02)
     ref = dist.Normal(4.0, 0.5 ** 0.5)
     assert x[x > 0].std().item() == pytest.approx(ref.stddev.item(), rel=0.05)
+
+
+def test_a_plain_callable_denoiser_runs_where_its_attributes_say():
+    class Shrink:  # not an nn.Module: the prior reads its device and dtype attributes
+        device, dtype = torch.device("cpu"), torch.float64
+
+        def __call__(self, x, sigma):
+            return x / (1 + sigma[:, None] ** 2)
+
+    prior = DiffusionPrior(Shrink(), (2,))
+    assert prior.device.type == "cpu" and prior.dtype == torch.float64
+    out = prior.denoise(torch.ones(3, 2), 1.0)
+    assert out.dtype == torch.float64 and torch.allclose(out, torch.full((3, 2), 0.5,
+                                                                         dtype=torch.float64))
+    plain = DiffusionPrior(lambda x, sigma: x, (2,))
+    assert plain.device.type == "cpu" and plain.dtype == torch.get_default_dtype()
+    with pytest.raises(TypeError, match="not an nn.Module and has no 'to' method"):
+        plain.to("cpu")
+
+
+def test_edm_denoiser_statistics_live_with_the_network():
+    # A network moved before it is wrapped: the mean and the skip's buffers follow it (the
+    # meta device stands in for a GPU; the mixture skip's checks need values, so CUDA only).
+    for k in (0, 1):
+        den = EDMDenoiser(MLP((6,)).to("meta"), (6,), gaussian_skip=k)
+        assert {b.device.type for b in den.buffers()} == {"meta"}, k
