@@ -143,6 +143,10 @@ def parse_args(argv=None):
                         help="DiffusionLangevin's rho_min (default: its own, 0.05 data_std with "
                              "the Gaussian preconditioner, 0.1 for priors that declare a "
                              "mixture); several give a row for each, labelled by it")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="DiffusionLangevin runs per setting with different seeds (1); "
+                             "several give a row for each, labelled by the repeat, the first "
+                             "with the seed of a single run: the sampler's own spread")
     parser.add_argument("--denoise-steps", type=int, default=None,
                         help="DiffusionLangevin's final denoising steps (default: its own, 8 "
                              "with the Gaussian preconditioner, 32 with the diagonal one)")
@@ -212,6 +216,8 @@ def parse_args(argv=None):
         parser.error("--ref-parallel needs --ref-backend numpyro")
     if args.num_samples % args.batches:
         parser.error("--num-samples must be a multiple of --batches")
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
     return args
 
 
@@ -654,8 +660,12 @@ def main(argv=None):
                         methods[name] = batch_result(post, f"{args.num_samples} / {steps}",
                                                      type(post.guidance_used).__name__)
                         log(f"  {name}: {post.wall_time:.1f} s")
-                for steps, step_size, rho_min in itertools.product(
-                        args.langevin_steps, args.step_size, args.rho_min):
+                for steps, step_size, rho_min, repeat in itertools.product(
+                        args.langevin_steps, args.step_size, args.rho_min,
+                        range(args.repeats)):
+                    # Default steps: the seed of an explicit 20, as before mixture priors had
+                    # their own; repeat 0: the seed of a single run.
+                    key = (steps or 20,) + ((repeat,) if repeat else ())
                     for tag_, p_, pre, dev in candidates:
                         run = DiffusionLangevin(diffusion_model, num_samples=args.num_samples,
                                                 num_steps=steps,
@@ -664,16 +674,16 @@ def main(argv=None):
                                                 preconditioner=pre,
                                                 batch_size=args.num_samples // args.batches,
                                                 progress=False,
-                                                # Default steps: the seed of an explicit
-                                                # 20, as before mixture priors had their own.
                                                 seed=derived_seed(args.seed, "langevin", label,
-                                                                  form, lik, steps or 20))
+                                                                  form, lik, *key))
                         run.run(p_, lik, y.float().to(dev))
                         name = f"diffusion {tag_} {run.num_steps_used}"
                         if len(args.step_size) > 1:
                             name += f" step {step_size:g}"
                         if len(args.rho_min) > 1 or rho_min is not None:
                             name += f" rho {run.rho_min_used:.3g}"
+                        if args.repeats > 1:
+                            name += f" repeat {repeat}"
                         methods[name] = batch_result(
                             run, f"{args.num_samples} / {run.num_steps_used}+"
                                  f"{run.denoise_steps_used}",
