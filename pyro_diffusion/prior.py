@@ -323,7 +323,16 @@ class DiffusionPrior(TorchDistribution):
         """Load a prior written by :meth:`save`; ``settings`` override the saved sampling ones.
 
         Only tensors and plain data are read (``torch.load(..., weights_only=True)``).
+
+        :param path: the checkpoint file.
+        :param map_location: the device to put the prior on (a device or its name, such as
+            ``"cuda"``; default: the CPU). Unlike ``torch.load``'s, dicts and callables are not
+            accepted: the checkpoint is read on the CPU and the denoiser moved as a whole.
+        :param settings: sampling settings (``num_steps``, ``sampler``, ...).
         """
+        if isinstance(map_location, dict) or callable(map_location):
+            raise TypeError("map_location must be a device or a device name, such as 'cuda'; "
+                            f"got a {type(map_location).__name__}")
         path = os.fspath(path)
         try:
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)

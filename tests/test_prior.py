@@ -168,6 +168,12 @@ def test_checkpoint_errors(tmp_path):
     with pytest.raises(FileNotFoundError):
         DiffusionPrior.load(tmp_path / "missing.pt")
 
+    # map_location is a device: torch.load's dict and callable forms are refused up front.
+    assert DiffusionPrior.load(good, map_location="cpu").device.type == "cpu"
+    for location in ({"cuda:0": "cpu"}, lambda storage, loc: storage):
+        with pytest.raises(TypeError, match="map_location must be a device"):
+            DiffusionPrior.load(good, map_location=location)
+
 
 class _Pickled:
     def __reduce__(self):
