@@ -125,7 +125,7 @@ from .exact import GaussianMixtureDenoiser
 from .noise_grid import noise_grid
 from .posterior import BatchPosterior
 from .samplers import reverse_sample
-from .seeding import seeded
+from .seeding import forked, manual_seed
 
 PRECONDITIONERS = ("auto", "gaussian", "diagonal")
 #: Default Langevin steps and final denoising steps for each preconditioner; ``"mixture"`` is
@@ -359,7 +359,9 @@ class DiffusionLangevin(BatchPosterior):
             if part is None and self.preconditioner == "gaussian":
                 draws = max(2 * prior.event_shape.numel(), 1000)
                 # Seeded like the run (which seeds only after _prepare), global RNG untouched.
-                with seeded(self.seed, prior.device):
+                with forked(prior.device):
+                    if self.seed is not None:
+                        manual_seed(self.seed, prior.device)
                     part = estimated_gaussian(prior, draws)
                 extra = prior.num_evaluations * draws / self.num_samples
             if part is not None:

@@ -12,6 +12,9 @@ The model must broadcast over one leading batch dimension of the latent value: i
 ``f[..., idx]`` (not ``f[idx]``) and let the observed sites' batch shape be ``(n, *plates)``.
 """
 
+import copy
+import re
+
 import pyro
 import torch
 from pyro.poutine.messenger import Messenger
@@ -35,6 +38,11 @@ def _is_diffusion_site(site):
             and isinstance(_unwrap(site["fn"]), DiffusionPrior))
 
 
+# torch's wordings of a device mismatch (eager and reference kernels); only the message's first
+# line is read, as Pyro appends the model's site names and shapes to errors raised inside it.
+_DEVICE_MISMATCH = re.compile(r"same device|expected device|found at least two devices")
+
+
 def to_device(value, device):
     """``value`` with every tensor in it, also inside tuples (named ones too), lists and
     dicts, moved to ``device``; other objects are returned as they are.
@@ -48,8 +56,11 @@ def to_device(value, device):
         return type(value)(*(to_device(v, device) for v in value))
     if isinstance(value, (tuple, list)):
         return type(value)(to_device(v, device) for v in value)
-    if isinstance(value, dict):
-        return type(value)((k, to_device(v, device)) for k, v in value.items())
+    if isinstance(value, dict):  # a copy keeps a subclass's state (a defaultdict's factory)
+        moved = copy.copy(value)
+        for k, v in value.items():
+            moved[k] = to_device(v, device)
+        return moved
     return value
 
 
@@ -121,7 +132,7 @@ class ModelLikelihood:
                 trace = pyro.poutine.trace(_SetDiffusionValue(device=device)(model)).get_trace(
                     *self.args, **self.kwargs)
         except RuntimeError as e:
-            if "device" not in str(e):
+            if not _DEVICE_MISMATCH.search(str(e).splitlines()[0] if str(e) else ""):
                 raise
             where = f"moved to {device}" if device is not None else "on the prior's device"
             raise ValueError(

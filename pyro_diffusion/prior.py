@@ -138,13 +138,13 @@ class DiffusionPrior(TorchDistribution):
     def device(self):
         if isinstance(self.denoiser, nn.Module):
             return _module_device_dtype(self.denoiser)[0]
-        return torch.device(getattr(self.denoiser, "device", "cpu"))
+        return torch.device(getattr(self.denoiser, "device", None) or "cpu")
 
     @property
     def dtype(self):
         if isinstance(self.denoiser, nn.Module):
             return _module_device_dtype(self.denoiser)[1]
-        return getattr(self.denoiser, "dtype", torch.get_default_dtype())
+        return getattr(self.denoiser, "dtype", None) or torch.get_default_dtype()
 
     def to(self, device=None, dtype=None):
         """Move the denoiser (in place) and return the prior."""

@@ -35,6 +35,7 @@ def manual_seed(seed, device=None):
     if device is None:
         return
     if device.type == "cuda":
+        torch.cuda.init()  # else the seeding is queued, for whichever GPU is current later
         with torch.cuda.device(device):
             torch.cuda.manual_seed(seed)
     elif device.type == "mps":

@@ -145,13 +145,16 @@ def test_clear_errors(model, match):
 
 
 def test_to_device_moves_the_tensors_inside_containers():
-    from collections import namedtuple
+    from collections import defaultdict, namedtuple
 
     from pyro_diffusion.likelihood import to_device
 
     Pair = namedtuple("Pair", "a b")
     value = (torch.ones(2), [torch.zeros(1), 3], {"k": Pair(torch.ones(1), "s")}, "text")
     moved = to_device(value, "meta")
+    table = to_device(defaultdict(list, {"x": torch.ones(1)}), "meta")
+    assert isinstance(table, defaultdict) and table["x"].device.type == "meta"
+    assert table["new"] == []
     assert isinstance(moved, tuple) and isinstance(moved[1], list)
     assert moved[0].device.type == moved[1][0].device.type == "meta" and moved[1][1] == 3
     pair = moved[2]["k"]
@@ -172,3 +175,16 @@ def test_a_model_that_mixes_devices_gets_a_clear_error_and_the_prior_stays():
                                          "site's value moved to meta.*as arguments"):
         ModelLikelihood(model, (prior, torch.zeros(D)), device="meta")
     assert prior.device.type == "cpu"
+
+
+def test_other_errors_of_the_model_are_not_called_device_errors():
+    # Pyro appends the site names to a model's error: a plate named "devices" must not turn a
+    # shape bug into a device message.
+    def model(prior, y):
+        f = pyro.sample("f", prior)
+        with pyro.plate("devices", D):
+            pyro.sample("y", dist.Normal(f @ torch.ones(D + 1), 1.0), obs=y)
+
+    with pytest.raises(RuntimeError) as info:
+        ModelLikelihood(model, (_prior(), torch.zeros(D)))
+    assert "mixes devices" not in str(info.value)

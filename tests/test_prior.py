@@ -256,6 +256,10 @@ def test_a_plain_callable_denoiser_runs_where_its_attributes_say():
     out = prior.denoise(torch.ones(3, 2), 1.0)
     assert out.dtype == torch.float64 and torch.allclose(out, torch.full((3, 2), 0.5,
                                                                          dtype=torch.float64))
+    unset = Shrink()
+    unset.device = unset.dtype = None  # an optional attribute left unset: the defaults
+    assert DiffusionPrior(unset, (2,)).device.type == "cpu"
+    assert DiffusionPrior(unset, (2,)).dtype == torch.get_default_dtype()
     plain = DiffusionPrior(lambda x, sigma: x, (2,))
     assert plain.device.type == "cpu" and plain.dtype == torch.get_default_dtype()
     with pytest.raises(TypeError, match="not an nn.Module and has no 'to' method"):
