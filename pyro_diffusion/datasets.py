@@ -201,14 +201,9 @@ def matern52_kernel(points, lengthscale=0.2, variance=1.0):
     return gp_covariance(points, lengthscale, variance, kernel="matern52")
 
 
-def _draw_hyperparameter(value, name, num_samples, generator):
-    """A float, or a float64 tensor ``(num_samples,)`` of positive hyperprior draws."""
-    if not isinstance(value, Distribution):
-        v = _positive(value, name)
-        if isinstance(v, torch.Tensor):
-            raise ValueError(f"{name} must be a number or a Distribution in sample_gp, got a "
-                             f"tensor of shape {tuple(value.shape)}")
-        return v
+def _sample_hyperprior(value, name, num_samples, generator):
+    """``num_samples`` draws of the scalar Distribution ``value`` as a float64 CPU tensor,
+    seeded from ``generator`` when given."""
     if value.batch_shape != torch.Size() or value.event_shape != torch.Size():
         raise ValueError(f"the hyperprior for {name} must be a scalar distribution, got "
                          f"batch_shape {tuple(value.batch_shape)} and event_shape "
@@ -221,7 +216,18 @@ def _draw_hyperparameter(value, name, num_samples, generator):
         sub_seed = int(torch.randint(2 ** 62, (1,), generator=generator).item())
         with seeded(sub_seed):
             draws = value.sample((num_samples,))
-    draws = draws.detach().to(device="cpu", dtype=torch.float64).reshape(num_samples)
+    return draws.detach().to(device="cpu", dtype=torch.float64).reshape(num_samples)
+
+
+def _draw_hyperparameter(value, name, num_samples, generator):
+    """A float, or a float64 tensor ``(num_samples,)`` of positive hyperprior draws."""
+    if not isinstance(value, Distribution):
+        v = _positive(value, name)
+        if isinstance(v, torch.Tensor):
+            raise ValueError(f"{name} must be a number or a Distribution in sample_gp, got a "
+                             f"tensor of shape {tuple(value.shape)}")
+        return v
+    draws = _sample_hyperprior(value, name, num_samples, generator)
     if not (torch.isfinite(draws).all() and (draws > 0).all()):
         bad = int((~(torch.isfinite(draws) & (draws > 0))).sum())
         raise ValueError(f"the hyperprior for {name} gave {bad} non-positive or non-finite draws "
@@ -396,17 +402,7 @@ def _draw_bounded(value, name, num_samples, generator, low, high, closed, exampl
             raise ValueError(f"{name} must be a number or a Distribution in sample_car, got a "
                              f"tensor of shape {tuple(value.shape)}")
         return v
-    if value.batch_shape != torch.Size() or value.event_shape != torch.Size():
-        raise ValueError(f"the hyperprior for {name} must be a scalar distribution, got "
-                         f"batch_shape {tuple(value.batch_shape)} and event_shape "
-                         f"{tuple(value.event_shape)}")
-    if generator is None:
-        draws = value.sample((num_samples,))
-    else:
-        sub_seed = int(torch.randint(2 ** 62, (1,), generator=generator).item())
-        with seeded(sub_seed):
-            draws = value.sample((num_samples,))
-    draws = draws.detach().to(device="cpu", dtype=torch.float64).reshape(num_samples)
+    draws = _sample_hyperprior(value, name, num_samples, generator)
     ok = torch.isfinite(draws) & _in_interval(draws, low, high, closed)
     if not ok.all():
         raise ValueError(f"the hyperprior for {name} gave {int((~ok).sum())} draws outside "

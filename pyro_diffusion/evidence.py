@@ -91,6 +91,8 @@ import math
 import numpy as np
 import torch
 
+from .exact import _common_device
+
 __all__ = [
     "bernoulli_log_evidence",
     "binomial_log_evidence",
@@ -179,8 +181,7 @@ def _check_mean_var(mean, var, mean_name, var_name):
 def _as_float_tensors(*values):
     """Tensors sharing one floating dtype (the promoted one) and device (an accelerator if any)."""
     tensors = [torch.as_tensor(v) for v in values]
-    devices = [t.device for t in tensors]
-    device = next((d for d in devices if d.type != "cpu"), devices[0])
+    device = _common_device(*tensors)
     dtype = None
     for t in tensors:
         if t.is_floating_point():

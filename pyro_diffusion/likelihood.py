@@ -132,12 +132,13 @@ class ModelLikelihood:
                 trace = pyro.poutine.trace(_SetDiffusionValue(device=device)(model)).get_trace(
                     *self.args, **self.kwargs)
         except RuntimeError as e:
-            if not _DEVICE_MISMATCH.search(str(e).splitlines()[0] if str(e) else ""):
+            first = (str(e).splitlines() or [""])[0]
+            if not _DEVICE_MISMATCH.search(first):
                 raise
             where = f"moved to {device}" if device is not None else "on the prior's device"
             raise ValueError(
                 f"the model mixes devices when traced with its DiffusionPrior site's value "
-                f"{where}: {str(e).splitlines()[0]}. Pass the model's data as arguments and "
+                f"{where}: {first}. Pass the model's data as arguments and "
                 f"give the sampler device=... (tensor arguments and the prior are moved "
                 f"there), or move them yourself") from e
         diffusion, latent, observed, deterministic = [], [], [], []
