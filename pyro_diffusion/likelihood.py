@@ -23,6 +23,8 @@ from pyro.poutine.util import site_is_subsample
 from .evidence import check_counts
 from .prior import DiffusionPrior
 
+__all__ = ["ModelLikelihood", "to_device"]
+
 
 def _unwrap(fn):
     """The distribution under Independent / Masked / Expanded wrappers."""

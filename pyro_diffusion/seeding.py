@@ -11,6 +11,8 @@ import contextlib
 
 import torch
 
+__all__ = ["forked", "manual_seed", "seeded"]
+
 
 def _accelerator(device):
     """``device`` as a ``torch.device`` when it is not the CPU, else ``None``."""
