@@ -50,3 +50,23 @@ def gp_scale_mixture(sqdist, lengthscale, lengthscale_log_sd, variance_log_sd, j
     return GaussianMixtureDenoiser(torch.tensor(weights, dtype=dtype),
                                    torch.zeros(len(weights), d, dtype=dtype),
                                    torch.stack(covs).to(dtype))
+
+
+def binned_mixture(exact, nodes, k, axis):
+    """The exact ``nodes x nodes`` mixture (lengthscale-major) with its nodes pooled into ``k``
+    runs of adjacent nodes along ``axis`` (0: lengthscale, 1: variance) and all nodes along the
+    other: each bin one Gaussian with the bin's weight and weighted average covariance."""
+    from pyro_diffusion import GaussianMixtureDenoiser
+
+    d = exact.covs.shape[-1]
+    w = exact.weights.reshape(nodes, nodes)
+    covs = exact.covs.reshape(nodes, nodes, d, d)
+    bins = torch.arange(nodes).tensor_split(k)
+    weights, pooled = [], []
+    for b in bins:
+        wb = w[b] if axis == 0 else w[:, b]
+        cb = covs[b] if axis == 0 else covs[:, b]
+        weights.append(wb.sum())
+        pooled.append(torch.einsum("ij,ijde->de", wb, cb) / wb.sum())
+    return GaussianMixtureDenoiser(torch.stack(weights), exact.means.new_zeros(len(bins), d),
+                                   torch.stack(pooled))

@@ -24,7 +24,9 @@ Methods per setting:
   steps (its defaults), default blur, ``--preconditioner`` (auto: Gaussian when the prior has a
   Gaussian part); with ``--exact-prior`` also with the exact GP denoiser in place of the learned
   one (with hyperpriors: the exact scale mixture, up to a 16 x 16 Gauss-Hermite grid of
-  lengthscales and variances), which isolates the sampler's own error from the learned prior's.
+  lengthscales and variances), which isolates the sampler's own error from the learned prior's;
+  with ``--binned-prior K`` also with that grid pooled into ``K`` bins of lengthscale nodes, and
+  into ``K`` bins of variance nodes (hand-made ``K``-component mixture priors).
 
 The diffusion rows run on the CPU, or with ``--devices cpu cuda`` on each device named (rows
 off the CPU carry its name, e.g. ``diffusion langevin cuda 20``; the GPU's wall time is taken
@@ -90,7 +92,7 @@ import numpy as np
 import pyro
 import pyro.distributions as dist
 import torch
-from _common import derived_seed, gp_scale_mixture, markdown_table
+from _common import binned_mixture, derived_seed, gp_scale_mixture, markdown_table
 from pyro.ops.stats import split_gelman_rubin
 from torch.distributions import LogNormal
 
@@ -161,6 +163,13 @@ def parse_args(argv=None):
     parser.add_argument("--width", type=int, default=None,
                         help="MLP width of the learned priors (default: default_network's; "
                              "2-D grids then use an MLP instead of the U-Net)")
+    parser.add_argument("--binned-prior", type=int, nargs="*", default=[],
+                        help="with hyperpriors, also run DiffusionLangevin with the exact scale "
+                             "mixture's 16 x 16 nodes pooled into K bins of adjacent "
+                             "lengthscale nodes (every variance pooled), and into K bins of "
+                             "variance nodes (every lengthscale pooled), for each K given "
+                             "(bench/mixture_skip.py --oracle): which hyperparameter a "
+                             "K-component mixture prior must resolve")
     parser.add_argument("--exact-prior", action="store_true",
                         help="also run DiffusionLangevin with the exact GP denoiser (with "
                              "hyperpriors: the scale mixture over a Gauss-Hermite grid of "
@@ -602,9 +611,20 @@ def main(argv=None):
                 if args.exact_prior:  # built once per grid, used for every likelihood
                     exact = DiffusionPrior(GaussianDenoiser(torch.zeros(d), kernel.float()), (d,))
                     candidates.append(("langevin, exact prior", exact, args.preconditioner))
-            elif args.exact_prior:
+            else:
                 pre = "gaussian" if args.preconditioner == "auto" else args.preconditioner
-                candidates.append(("langevin, exact prior", scale_mixture_prior(sqdist), pre))
+                if args.exact_prior:
+                    candidates.append(("langevin, exact prior", scale_mixture_prior(sqdist),
+                                       pre))
+                if args.binned_prior:
+                    nodes = 16
+                    full = gp_scale_mixture(sqdist, LENGTHSCALE, LENGTHSCALE_LOG_SD,
+                                            VARIANCE_LOG_SD, JITTER, nodes=nodes)
+                    for k in args.binned_prior:
+                        for axis, name in enumerate(["lengthscale", "variance"]):
+                            den = binned_mixture(full, nodes, k, axis).float()
+                            candidates.append((f"langevin, {name} in {k} bins",
+                                               DiffusionPrior(den, (d,)), pre))
             guided = on_devices([("", prior, None)], args.devices)
             candidates = on_devices(candidates, args.devices)
             for lik in args.likelihoods:
