@@ -25,7 +25,7 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_t
 import numpy as np
 import torch
 import vs_nuts
-from _common import binned_mixture, derived_seed, gp_scale_mixture
+from _common import binned_mixture, derived_seed
 
 from pyro_diffusion import DiffusionLangevin, DiffusionPrior
 
@@ -39,9 +39,8 @@ def nuts_draws(mixture, lik, y, warmup, draws, seed):
     from numpyro.infer import MCMC, NUTS, init_to_value
 
     jax.config.update("jax_enable_x64", True)
-    keep = mixture.weights > 1e-12
-    chol = jnp.asarray(torch.linalg.cholesky(mixture.covs[keep].double()).numpy())
-    log_w = jnp.asarray(mixture.log_weights[keep].double().numpy())
+    chol = jnp.asarray(torch.linalg.cholesky(mixture.covs.double()).numpy())
+    log_w = jnp.asarray(mixture.log_weights.double().numpy())
     d = chol.shape[-1]
     yy = jnp.asarray(y.numpy())
 
@@ -90,8 +89,7 @@ def main():
     d, nodes = 256, 16
     _, points = vs_nuts.grid("1d", d)
     sqdist = vs_nuts.squared_distances(points)
-    full = gp_scale_mixture(sqdist, vs_nuts.LENGTHSCALE, vs_nuts.LENGTHSCALE_LOG_SD,
-                            vs_nuts.VARIANCE_LOG_SD, vs_nuts.JITTER, nodes=nodes)
+    full = vs_nuts.scale_mixture(sqdist, nodes)
     mixture = binned_mixture(full, nodes, args.bins, ["lengthscale", "variance"].index(args.axis))
     _, y, _ = vs_nuts.simulate(points, "hyper", args.likelihood, args.seed)
     path = os.path.join(args.cache, f"ref_{d}_hyper_{args.likelihood}_seed{args.seed}_"

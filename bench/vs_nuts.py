@@ -307,12 +307,16 @@ def gaussian_skip_option(args):
     return True if args.skip_components == 1 else args.skip_components
 
 
+def scale_mixture(sqdist, nodes=16, dtype=torch.float64):
+    """The exact denoiser of the ``hyper`` form's prior up to quadrature, a mixture over a
+    ``nodes x nodes`` grid (see ``_common.gp_scale_mixture``)."""
+    return gp_scale_mixture(sqdist, LENGTHSCALE, LENGTHSCALE_LOG_SD, VARIANCE_LOG_SD, JITTER,
+                            nodes=nodes, dtype=dtype)
+
+
 def scale_mixture_prior(sqdist, nodes=16):
-    """The exact prior of the ``hyper`` form up to quadrature (float32; see
-    ``_common.gp_scale_mixture``)."""
-    den = gp_scale_mixture(sqdist, LENGTHSCALE, LENGTHSCALE_LOG_SD, VARIANCE_LOG_SD, JITTER,
-                           nodes=nodes, dtype=torch.float32)
-    return DiffusionPrior(den, (sqdist.shape[0],))
+    """The exact prior of the ``hyper`` form up to quadrature (float32)."""
+    return DiffusionPrior(scale_mixture(sqdist, nodes, torch.float32), (sqdist.shape[0],))
 
 
 def cached_prior(args, label, points, form, log):
@@ -617,12 +621,10 @@ def main(argv=None):
                     candidates.append(("langevin, exact prior", scale_mixture_prior(sqdist),
                                        pre))
                 if args.binned_prior:
-                    nodes = 16
-                    full = gp_scale_mixture(sqdist, LENGTHSCALE, LENGTHSCALE_LOG_SD,
-                                            VARIANCE_LOG_SD, JITTER, nodes=nodes)
+                    full = scale_mixture(sqdist)
                     for k in args.binned_prior:
                         for axis, name in enumerate(["lengthscale", "variance"]):
-                            den = binned_mixture(full, nodes, k, axis).float()
+                            den = binned_mixture(full, 16, k, axis).float()
                             candidates.append((f"langevin, {name} in {k} bins",
                                                DiffusionPrior(den, (d,)), pre))
             guided = on_devices([("", prior, None)], args.devices)
