@@ -17,6 +17,8 @@ Usage::
 
 import argparse
 import os
+import shlex
+import sys
 import time
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
@@ -28,6 +30,7 @@ import vs_nuts
 from _common import binned_mixture, derived_seed
 
 from pyro_diffusion import DiffusionLangevin, DiffusionPrior
+from pyro_diffusion.diagnostics import compare_posteriors
 
 
 def nuts_draws(mixture, lik, y, warmup, draws, seed):
@@ -68,10 +71,19 @@ def nuts_draws(mixture, lik, y, warmup, draws, seed):
     from numpyro.diagnostics import summary
 
     s = summary({"f": f})["f"]
-    print(f"NUTS on the mixture prior: {time.perf_counter() - tic:.0f} s, min ESS "
-          f"{s['n_eff'].min():.0f}, max R-hat {s['r_hat'].max():.3f}, divergences "
-          f"{int(np.asarray(mcmc.get_extra_fields()['diverging']).sum())}")
-    return f.reshape(-1, d)
+    note = (f"NUTS on the mixture prior: {time.perf_counter() - tic:.0f} s, min ESS "
+            f"{s['n_eff'].min():.0f}, max R-hat {s['r_hat'].max():.3f}, divergences "
+            f"{int(np.asarray(mcmc.get_extra_fields()['diverging']).sum())}")
+    return f.reshape(-1, d), note
+
+
+def against(draws, reference):
+    """Mean abs smd and mean sd ratio of ``draws`` against ``reference`` (each ``(n, d)``),
+    from :func:`pyro_diffusion.compare_posteriors` (as ``vs_nuts.py`` scores)."""
+    table = compare_posteriors({"draws": {"f": draws[None]}, "reference": {"f": reference[None]}},
+                               "f", reference="reference")
+    row = table[(table["method"] == "draws") & (table["coord"] == "all")].iloc[0]
+    return row["abs_smd"], row["sd_ratio"]
 
 
 def main():
@@ -84,6 +96,7 @@ def main():
     parser.add_argument("--draws", type=int, default=500)
     parser.add_argument("--cache", default="/tmp/pyro_diffusion_bench_cache")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=None, help="also write the results here (markdown)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     d, nodes = 256, 16
@@ -98,22 +111,29 @@ def main():
     if not torch.equal(saved["y"], y):
         raise SystemExit(f"{path} holds other data")
     ref = saved["f"].reshape(-1, d).numpy()
-    nuts = nuts_draws(mixture, args.likelihood, y, args.warmup, args.draws, args.seed)
+    nuts, nuts_note = nuts_draws(mixture, args.likelihood, y, args.warmup, args.draws, args.seed)
     run = DiffusionLangevin(vs_nuts.diffusion_model, num_samples=2000, batch_size=500,
                             preconditioner="gaussian", progress=False,
                             seed=derived_seed(args.seed, "langevin", "256", "hyper",
                                               args.likelihood, 20))
     run.run(DiffusionPrior(mixture.float(), (d,)), args.likelihood, y.float())
     langevin = run.get_samples()["f"].double().numpy().reshape(-1, d)
-    print(f"\n{args.likelihood} counts, data seed {args.seed}, {args.axis} in {args.bins} bins "
-          f"(mean abs smd / mean sd ratio, against the second):\n")
-    print("| draws | against | abs smd | sd ratio |\n|---|---|---:|---:|")
-    for name, a, against, b in [("Langevin", langevin, "NUTS, same prior", nuts),
-                                ("Langevin", langevin, "hyper reference", ref),
-                                ("NUTS, mixture prior", nuts, "hyper reference", ref)]:
-        smd = np.mean(np.abs(a.mean(0) - b.mean(0)) / b.std(0))
-        print(f"| {name} | {against} | {smd:.3f} | {np.mean(a.std(0) / b.std(0)):.3f} |")
-
+    lines = [f"- command: `python {shlex.join(sys.argv)}`",
+             f"- torch {torch.__version__}, threads {torch.get_num_threads()}", "",
+             f"- {nuts_note}", "",
+             f"{args.likelihood} counts, data seed {args.seed}, {args.axis} in {args.bins} bins "
+             "(mean abs smd / mean sd ratio, against the second; "
+             "`pyro_diffusion.compare_posteriors`):", "",
+             "| draws | against | abs smd | sd ratio |", "|---|---|---:|---:|"]
+    for name, a, label, b in [("Langevin", langevin, "NUTS, same prior", nuts),
+                              ("Langevin", langevin, "hyper reference", ref),
+                              ("NUTS, mixture prior", nuts, "hyper reference", ref)]:
+        smd, ratio = against(a, b)
+        lines.append(f"| {name} | {label} | {smd:.3f} | {ratio:.3f} |")
+    print("\n".join(lines))
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write("\n".join(lines) + "\n")
 
 if __name__ == "__main__":
     main()
