@@ -173,21 +173,37 @@ class DPS(Guidance):
         return x0.detach(), _column(step, x) * grad / _column(sigma, x).square(), log_p
 
 
-def _cg(matvec, b, precond, iterations):
-    """Batched Jacobi-preconditioned conjugate gradients from zero, one SPD system per row.
+def _cg(matvec, b, precond, iterations, floor_mv=None):
+    r"""Batched Jacobi-preconditioned conjugate gradients from zero, one system per row.
 
     Starting from zero costs no product; the first iterate is already the preconditioned
     residual ``alpha * precond * b``.
+
+    MMPS solves :math:`(\Sigma_y + \sigma^2 A J A^\top) v = r`. The exact Tweedie part is
+    positive semi-definite, so the operator's curvature :math:`p^\top M p` along any direction
+    is at least the noise's, :math:`p^\top \Sigma_y p`; a learned denoiser's Jacobian need not
+    be, and CG's step :math:`r^\top z / p^\top M p` then overshoots without bound (at high noise
+    levels, where :math:`\sigma^2` multiplies the Jacobian's error). With ``floor_mv`` (products
+    with that lower bound, :math:`\Sigma_y`), a row whose curvature falls below it takes its
+    step with the bound's curvature (the Tweedie part clipped to zero along :math:`p`, as the
+    direct solver clips its negative eigenvalues) and stops there. Without ``floor_mv`` the
+    bound is zero. The rows are never read back to the host.
     """
     x = torch.zeros_like(b)
     r = b
     z = precond * r
     p = z
     rz = (r * z).sum(-1, keepdim=True)
+    active = torch.ones_like(rz, dtype=torch.bool)
     for _ in range(iterations):
         ap = matvec(p)
-        alpha = rz / (p * ap).sum(-1, keepdim=True).clamp(min=1e-30)
-        x = x + alpha * p
+        pap = (p * ap).sum(-1, keepdim=True)
+        floor = torch.zeros_like(pap) if floor_mv is None else (p * floor_mv(p)).sum(
+            -1, keepdim=True)
+        clipped = ~(pap >= floor)  # NaN included
+        alpha = rz / torch.where(clipped, floor, pap).clamp(min=1e-30)
+        x = torch.where(active, x + alpha * p, x)
+        active = active & ~clipped
         r = r - alpha * ap
         z = precond * r
         rz_new = (r * z).sum(-1, keepdim=True)
@@ -244,6 +260,9 @@ class MMPS(Guidance):
         column by column from :math:`m` products, symmetrised and Cholesky-factored: exact,
         and cheaper than CG when there are at most ``iterations`` observations), or
         ``"auto"`` (default: ``"direct"`` when :math:`m \le` ``iterations``, else ``"cg"``).
+        A learned denoiser's Jacobian need not be positive semi-definite as the exact one is:
+        the direct solver clips the Tweedie part's negative eigenvalues, and CG clips it to
+        zero along a search direction where it is negative and stops there.
         The twist value (``evaluate(..., value=True)``) needs the log-determinant, so it is
         always computed the direct way.
     """
@@ -281,7 +300,8 @@ class MMPS(Guidance):
             if direct:
                 v, log_p = _direct_solve(noise_mv, tweedie_mv, resid)
             else:
-                v = _cg(matvec, resid, 1.0 / (noise_diag + s2), self.iterations)
+                v = _cg(matvec, resid, 1.0 / (noise_diag + s2), self.iterations,
+                        floor_mv=noise_mv)
             grad = _vjp(x0, x, A.vjp(v.detach()))
         return x0.detach(), grad, (log_p if value else None)
 
