@@ -353,7 +353,7 @@ def _inverse_trigamma(v):
 # public API
 
 
-def poisson_log_evidence(y, log_rate_mean, log_rate_var, match="moments"):
+def poisson_log_evidence(y, log_rate_mean, log_rate_var, match="moments", *, validate=True):
     r"""Approximate :math:`\log\int \mathrm{Poisson}(y; e^\eta)\,\mathcal N(\eta; m, v)\,d\eta`.
 
     The log-normal rate is replaced by a Gamma with matched moments (``match="moments"``,
@@ -365,15 +365,20 @@ def poisson_log_evidence(y, log_rate_mean, log_rate_var, match="moments"):
     :param log_rate_var: variance :math:`v \ge 0` of the log rate; ``0`` gives the Poisson
         log-likelihood at rate :math:`e^m`.
     :param str match: ``"moments"`` or ``"log"``.
+    :param bool validate: check the inputs (the default). Samplers pass ``False`` in their
+        loops: they check the counts once, when the model is read, and each check reads
+        values back from the device (on a GPU, a wait per check and step).
     :returns: elementwise log evidence, the broadcast shape of the inputs.
     :raises ValueError: for invalid counts, a negative or non-finite variance, a non-finite
-        mean, or an unknown ``match``.
+        mean (these three with ``validate``), or an unknown ``match``.
     """
     if match not in ("moments", "log"):
         raise ValueError(f"match must be 'moments' or 'log', got {match!r}")
-    check_counts(y, name="y")
+    if validate:
+        check_counts(y, name="y")
     y, m, v = _as_float_tensors(y, log_rate_mean, log_rate_var)
-    _check_mean_var(m, v, "log_rate_mean", "log_rate_var")
+    if validate:
+        _check_mean_var(m, v, "log_rate_mean", "log_rate_var")
     v = v.clamp(min=_VAR_FLOOR)
     if match == "moments":
         log_alpha = -_logexpm1(v)
@@ -443,7 +448,8 @@ def logit_normal_moments(logit_mean, logit_var, num_nodes=20):
     return torch.exp(log_mu), w
 
 
-def binomial_log_evidence(y, total_count, logit_mean, logit_var, num_nodes=20):
+def binomial_log_evidence(y, total_count, logit_mean, logit_var, num_nodes=20, *,
+                          validate=True):
     r"""Approximate :math:`\log\int \mathrm{Binomial}(y; n, \sigma(\eta))\,
     \mathcal N(\eta; m, v)\,d\eta`.
 
@@ -457,14 +463,19 @@ def binomial_log_evidence(y, total_count, logit_mean, logit_var, num_nodes=20):
     :param logit_var: variance :math:`v \ge 0` of the logit; ``0`` gives the binomial
         log-likelihood at :math:`\sigma(m)` (up to quadrature rounding).
     :param int num_nodes: number of Gauss--Hermite nodes.
+    :param bool validate: check the inputs (the default). Samplers pass ``False`` in their
+        loops: they check the counts once, when the model is read, and each check reads
+        values back from the device (on a GPU, a wait per check and step).
     :returns: elementwise log evidence, the broadcast shape of the inputs.
-    :raises ValueError: for invalid counts, a negative or non-finite variance, or a
-        non-finite mean.
+    :raises ValueError: with ``validate``, for invalid counts, a negative or non-finite
+        variance, or a non-finite mean.
     """
     num_nodes = _check_num_nodes(num_nodes)
-    check_counts(y, total_count, name="y")
+    if validate:
+        check_counts(y, total_count, name="y")
     y, n, m, v = _as_float_tensors(y, total_count, logit_mean, logit_var)
-    _check_mean_var(m, v, "logit_mean", "logit_var")
+    if validate:
+        _check_mean_var(m, v, "logit_mean", "logit_var")
     log_mu, log_1m_mu, w = _logit_normal_log_moments(m, v, num_nodes)
     # kappa = mu (1 - mu) / w - 1 = expm1(ell), clamped to [KAPPA_MIN, KAPPA_MAX]
     tiny = torch.finfo(w.dtype).tiny
@@ -495,7 +506,7 @@ def binomial_log_evidence(y, total_count, logit_mean, logit_var, num_nodes=20):
     )
 
 
-def bernoulli_log_evidence(y, logit_mean, logit_var, num_nodes=20):
+def bernoulli_log_evidence(y, logit_mean, logit_var, num_nodes=20, *, validate=True):
     r"""Approximate :math:`\log\int \mathrm{Bernoulli}(y; \sigma(\eta))\,
     \mathcal N(\eta; m, v)\,d\eta`.
 
@@ -507,13 +518,18 @@ def bernoulli_log_evidence(y, logit_mean, logit_var, num_nodes=20):
     :param logit_mean: mean :math:`m` of the logit.
     :param logit_var: variance :math:`v \ge 0` of the logit.
     :param int num_nodes: number of Gauss--Hermite nodes.
+    :param bool validate: check the inputs (the default). Samplers pass ``False`` in their
+        loops: they check the counts once, when the model is read, and each check reads
+        values back from the device (on a GPU, a wait per check and step).
     :returns: elementwise log evidence, the broadcast shape of the inputs.
-    :raises ValueError: for observations outside ``{0, 1}``, a negative or non-finite
-        variance, or a non-finite mean.
+    :raises ValueError: with ``validate``, for observations outside ``{0, 1}``, a negative or
+        non-finite variance, or a non-finite mean.
     """
     num_nodes = _check_num_nodes(num_nodes)
-    check_counts(y, 1, name="y")
+    if validate:
+        check_counts(y, 1, name="y")
     y, m, v = _as_float_tensors(y, logit_mean, logit_var)
-    _check_mean_var(m, v, "logit_mean", "logit_var")
+    if validate:
+        _check_mean_var(m, v, "logit_mean", "logit_var")
     log_mu, log_1m_mu, _ = _logit_normal_log_moments(m, v, num_nodes)
     return torch.where(y > 0.5, log_mu, log_1m_mu)

@@ -423,13 +423,13 @@ class EvidenceTrick(Guidance):
             start += m
             kind = type(base).__name__
             if kind == "Poisson":
-                out.append(poisson_log_evidence(y, mu, v))
+                out.append(poisson_log_evidence(y, mu, v, validate=False))
             elif kind == "Binomial":
                 total = torch.as_tensor(base.total_count, dtype=y.dtype, device=y.device)
                 total = lik.per_particle(total.expand(shape), site, n, ev)
-                out.append(binomial_log_evidence(y, total, mu, v))
+                out.append(binomial_log_evidence(y, total, mu, v, validate=False))
             elif kind == "Bernoulli":
-                out.append(bernoulli_log_evidence(y, mu, v))
+                out.append(bernoulli_log_evidence(y, mu, v, validate=False))
             elif kind == "Normal":
                 scale2 = lik.per_particle(base.scale.expand(shape), site, n, ev).detach() ** 2
                 tot = scale2 + v

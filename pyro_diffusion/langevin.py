@@ -415,7 +415,10 @@ class DiffusionLangevin(BatchPosterior):
         ``curvature``, the likelihood's Hessian probe (:meth:`_likelihood_gradient`)."""
         n = x.shape[0]
         with torch.no_grad():
-            x0 = prior.denoise(x, torch.full((n,), rho, dtype=x.dtype, device=x.device))
+            # One level broadcast over the chains (a stride-0 view): the network sees it is
+            # shared without reading it back from the device.
+            sigma = torch.full((1,), rho, dtype=x.dtype, device=x.device).expand(n)
+            x0 = prior.denoise(x, sigma)
         _, grad, square = self._likelihood_gradient(lik, x, curvature)
         return (x0 - x) / rho ** 2 + grad, square
 
@@ -576,6 +579,37 @@ class DiffusionLangevin(BatchPosterior):
             chol = factor(c)
         return a, chol, c
 
+    def _baoab(self, q, p, force, force_at, mass=None):
+        r"""One B A O A B step of kinetic Langevin dynamics (Leimkuhler and Matthews 2013)
+        for the batch of chains ``q`` with momenta ``p``, ``force`` at ``q``, and a diagonal
+        ``mass`` (``None``: unit mass). ``force_at(q) -> (force, extra)``.
+
+        A chain whose step produced a non-finite position, force or momentum (a divergence)
+        keeps its old position and force and takes the O step's fresh draw as its momentum,
+        all on the device: no chain is read back to the host. Returns ``(q, p, force, extra,
+        ok)`` with ``ok`` of shape ``(n, 1)``, False where the step was undone.
+        """
+        h, keep = self.step_size, self.persistence
+        refresh = math.sqrt(1.0 - keep ** 2)
+
+        def kick(momentum, f):
+            step = 0.5 * h * f
+            return momentum + (step if mass is None else step / mass)
+
+        p_new = kick(p, force)
+        q_new = q + 0.5 * h * p_new
+        noise = torch.randn_like(p_new)
+        o = refresh * noise
+        p_new = keep * p_new + (o if mass is None else o / mass.sqrt())
+        q_new = q_new + 0.5 * h * p_new
+        force_new, extra = force_at(q_new)
+        p_new = kick(p_new, force_new)
+        ok = (torch.isfinite(q_new).all(-1) & torch.isfinite(force_new).all(-1)
+              & torch.isfinite(p_new).all(-1)).unsqueeze(-1)
+        fresh = noise if mass is None else noise / mass.sqrt()
+        return (torch.where(ok, q_new, q), torch.where(ok, p_new, fresh),
+                torch.where(ok, force_new, force), extra, ok)
+
     def _sample_gaussian(self, lik, prior, size, desc):
         r"""BAOAB with the Laplace approximation's precision as a dense mass, run in whitened
         coordinates :math:`b = L^\top a` (unit mass; :math:`x = m + K b`,
@@ -612,25 +646,13 @@ class DiffusionLangevin(BatchPosterior):
         if bool(bad.any()):  # start those chains at the mode instead
             b = torch.where(bad[:, None], b_mode, b)
             force = force_at(b)
-        h, keep = self.step_size, self.persistence
-        refresh = math.sqrt(1.0 - keep ** 2)
         u = torch.randn_like(b)
+        diverged = torch.zeros((), dtype=torch.long, device=b.device)
         for _ in tqdm(range(self.num_steps_used), desc=desc, disable=not self.progress,
-                      leave=False):  # B A O A B
-            u_new = u + 0.5 * h * force
-            b_new = b + 0.5 * h * u_new
-            u_new = keep * u_new + refresh * torch.randn_like(u_new)
-            b_new = b_new + 0.5 * h * u_new
-            force_new = force_at(b_new)
-            u_new = u_new + 0.5 * h * force_new
-            ok = torch.isfinite(force_new).all(-1) & torch.isfinite(u_new).all(-1)
-            if not bool(ok.all()):  # undo those chains' step, redraw their momentum
-                self.divergences += int((~ok).sum())
-                ok = ok[:, None]
-                b_new = torch.where(ok, b_new, b)
-                u_new = torch.where(ok, u_new, torch.randn_like(u))
-                force_new = torch.where(ok, force_new, force)
-            b, u, force = b_new, u_new, force_new
+                      leave=False):
+            b, u, force, _, ok = self._baoab(b, u, force, lambda q: (force_at(q), None))
+            diverged = diverged + (~ok).sum()
+        self.divergences += int(diverged)  # one read per batch
         with torch.no_grad():
             return reverse_sample(prior.denoise, to_x(b), self._final_sigmas,
                                   sampler="ancestral")
@@ -638,8 +660,6 @@ class DiffusionLangevin(BatchPosterior):
     def _sample_diagonal(self, lik, prior, size, desc):
         r"""Annealed BAOAB with a diagonal mass: the blurred prior's largest precision
         :math:`1/\rho^2` plus the likelihood's curvature per coordinate."""
-        h, keep = self.step_size, self.persistence
-        refresh = math.sqrt(1.0 - keep ** 2)
         rhos = self._rhos
         shape = (size,) + prior.event_shape
         mean = getattr(prior.denoiser, "data_mean", 0.0)
@@ -675,30 +695,18 @@ class DiffusionLangevin(BatchPosterior):
         mass = 1.0 / rhos[0] ** 2 + square.sqrt()
         v = torch.randn_like(a) / mass.sqrt()
         frozen = False
+        diverged = torch.zeros((), dtype=torch.long, device=a.device)
         for i, rho in enumerate(tqdm(rhos, desc=desc, disable=not self.progress, leave=False)):
             if not frozen:  # the larger of the running average and the latest probe
                 mass = 1.0 / rho ** 2 + torch.maximum(row2, square).sqrt()
                 frozen = i >= self._num_anneal
-            # B A O A B
-            v_new = v + 0.5 * h * force / mass
-            a_new = a + 0.5 * h * v_new
-            v_new = keep * v_new + refresh * torch.randn_like(v_new) / mass.sqrt()
-            a_new = a_new + 0.5 * h * v_new
-            force_new, square = force_at(a_new, rho, curv=not frozen)
-            v_new = v_new + 0.5 * h * force_new / mass
-            ok = torch.isfinite(a_new).all(-1) & torch.isfinite(force_new).all(-1) \
-                & torch.isfinite(v_new).all(-1)
-            if not bool(ok.all()):
-                self.divergences += int((~ok).sum())
-                keep_mask = ok[:, None]
-                fresh = torch.randn_like(v) / mass.sqrt()
-                a_new = torch.where(keep_mask, a_new, a)
-                v_new = torch.where(keep_mask, v_new, fresh)
-                force_new = torch.where(keep_mask, force_new, force)
-                square = torch.where(keep_mask, square, row2)
-            a, v, force = a_new, v_new, force_new
+            a, v, force, square, ok = self._baoab(
+                a, v, force, lambda q, rho=rho, curv=not frozen: force_at(q, rho, curv), mass)
+            square = torch.where(ok, square, row2)
+            diverged = diverged + (~ok).sum()
             if not frozen:
                 row2 = 0.8 * row2 + 0.2 * square
+        self.divergences += int(diverged)  # one read per batch
         with torch.no_grad():
             return reverse_sample(prior.denoise, to_x(a), self._final_sigmas,
                                   sampler="ancestral")

@@ -31,8 +31,14 @@ class NoiseEmbedding(nn.Module):
 
 def _shared_noise(c_noise):
     """``c_noise[:1]`` when every row has the same noise (as in sampling), so that the noise
-    embedding and the blocks' modulations are computed once and broadcast; else ``c_noise``."""
-    if c_noise.dim() == 1 and c_noise.shape[0] > 1 and bool((c_noise == c_noise[0]).all()):
+    embedding and the blocks' modulations are computed once and broadcast; else ``c_noise``.
+
+    A broadcast view (stride 0, as the samplers and ``EDMDenoiser`` pass one level) is
+    recognised without reading the values back from the device; any other vector is
+    compared on the host."""
+    if c_noise.dim() != 1 or c_noise.shape[0] < 2:
+        return c_noise
+    if c_noise.stride(0) == 0 or bool((c_noise == c_noise[0]).all()):
         return c_noise[:1]
     return c_noise
 

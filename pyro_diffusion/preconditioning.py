@@ -206,9 +206,18 @@ class EDMDenoiser(nn.Module):
         var = s.square() + sd2
         c_out = s * self.sigma_data * var.rsqrt()
         c_in = var.rsqrt()
-        c_noise = s.reshape(-1).clamp(min=1e-20).log() / 4
-        out = self.net(c_in * z, c_noise.to(z.dtype))
+        out = self.net(c_in * z, self._noise_input(sigma, z.dtype))
         return self._skip(z, s, var) + c_out * out, z, s
+
+    def _noise_input(self, sigma, dtype):
+        r"""The network's noise input :math:`\log(\sigma / \mathrm{std}) / 4` per row. One level
+        broadcast over the batch (a stride-0 view, as the samplers pass it) stays a broadcast
+        view, so the network can see that it is shared without reading it back."""
+        flat = sigma.reshape(-1)
+        shared = flat.dim() == 1 and flat.shape[0] > 1 and flat.stride(0) == 0
+        level = flat[:1] if shared else flat
+        c_noise = ((level / self.std).clamp(min=1e-20).log() / 4).to(dtype)
+        return c_noise.expand(flat.shape[0]) if shared else c_noise
 
     def _skip(self, z, s, var):
         if not self.skip_components:

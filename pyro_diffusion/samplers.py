@@ -88,7 +88,8 @@ def reverse_sample(denoise, x, sigmas, *, sampler="ancestral", eta=None, progres
     """
     sampler, eta = check_sampler(sampler, eta)
     sigmas = torch.as_tensor(sigmas, dtype=x.dtype, device=x.device)
-    if sigmas.dim() != 1 or sigmas.numel() < 2 or sigmas[-1] != 0:
+    levels = sigmas.tolist() if sigmas.dim() == 1 else []  # read once: the loop never waits
+    if len(levels) < 2 or levels[-1] != 0:
         raise ValueError("sigmas must be a 1-D grid of at least two levels ending with 0")
     batch = x.shape[0]
     shape = (-1,) + (1,) * (x.dim() - 1)
@@ -100,7 +101,7 @@ def reverse_sample(denoise, x, sigmas, *, sampler="ancestral", eta=None, progres
             x = ddim_step(x, x_hat, s, s_next, eta)
             continue
         x_euler = ddim_step(x, x_hat, s, s_next, 0.0)
-        if sigmas[i + 1] == 0:
+        if levels[i + 1] == 0:
             x = x_euler
             continue
         slope = (x - x_hat) / s.reshape(shape)

@@ -83,6 +83,7 @@ class _Run:
         self.prior = lik.prior
         self.guidance = guidance
         self.sigmas = sigmas
+        self.levels = sigmas.tolist()  # the grid on the host, read once
         self.batch_size = batch_size
         self.event_shape = tuple(lik.event_shape)
         # SMCFilter puts its particle plate left of the model's own plates, so the particle
@@ -111,13 +112,13 @@ class _Run:
         mean = torch.as_tensor(getattr(prior.denoiser, "data_mean", 0.0), dtype=prior.dtype,
                                device=prior.device)
         std = float(getattr(prior.denoiser, "data_std", 0.0))
-        scale = math.sqrt(float(self.sigmas[0]) ** 2 + std ** 2)
+        scale = math.sqrt(self.levels[0] ** 2 + std ** 2)
         return self._site(mean.expand((num_particles,) + self.event_shape), scale)
 
     def kernel(self, x, x0, i):
         """The ancestral kernel from ``sigmas[i]`` to ``sigmas[i + 1]`` given the estimate
         ``x0`` of the clean latent (``D`` for the target, ``D_y`` for the proposal)."""
-        s, s_next = float(self.sigmas[i]), float(self.sigmas[i + 1])
+        s, s_next = self.levels[i], self.levels[i + 1]
         ratio2 = (s_next / s) ** 2
         scale = s_next * math.sqrt(max(1.0 - ratio2, 0.0))
         return self._site(x0 + ratio2 * (x - x0), scale)
@@ -143,7 +144,7 @@ class _Run:
     def _evaluate_chunk(self, x, i):
         sigma = self.sigmas[i].expand(x.shape[0])
         x0, grad, log_p = self.guidance.evaluate(self.lik, self.prior, x, sigma, value=True)
-        s2 = float(self.sigmas[i]) ** 2
+        s2 = self.levels[i] ** 2
         return x0.detach(), (x0 + s2 * grad).detach(), log_p.detach()
 
 
@@ -211,11 +212,9 @@ class _EvidenceFilter(SMCFilter):
         before = self.state._log_weights
         after = before + incr.to(before.dtype)
         total = after.logsumexp(-1)
-        if not bool(torch.isfinite(total)):
-            raise pyro.infer.smcfilter.SMCFailed(
-                "every particle has zero weight: the likelihood or the twist is -inf (or NaN) "
-                "for all of them; check the data against the model")
-        self.log_evidence += float(total - before.logsumexp(-1))
+        # Read back (with the ESS) in _maybe_importance_resample, which always follows: one
+        # wait on the device per step.
+        self._pending = (total, total - before.logsumexp(-1))
         self.state._log_weights = after - total
 
     def _maybe_importance_resample(self):
@@ -223,7 +222,15 @@ class _EvidenceFilter(SMCFilter):
         log_w = log_w - log_w.logsumexp(-1)
         self.state._log_weights = log_w
         probs = log_w.exp()
-        ess = float(probs.dot(probs).reciprocal())
+        total, increment = self._pending
+        total, increment, ess = torch.stack(
+            [total, increment.to(total.dtype), probs.dot(probs).reciprocal().to(total.dtype)]
+        ).tolist()
+        if not math.isfinite(total):
+            raise pyro.infer.smcfilter.SMCFailed(
+                "every particle has zero weight: the likelihood or the twist is -inf (or NaN) "
+                "for all of them; check the data against the model")
+        self.log_evidence += increment
         self.ess_history.append(ess)
         resample = ess < self.ess_threshold * self.num_particles
         self.resampled.append(resample)

@@ -531,3 +531,21 @@ def test_invalid_arguments_raise():
     for call, message in cases:
         with pytest.raises(ValueError, match=message):
             call()
+
+
+def test_validate_false_skips_only_the_checks():
+    # The samplers call the evidences with validate=False in their loops (the counts were
+    # checked when the model was read): same values, no reads back from the device.
+    y = torch.tensor([0.0, 3.0, 7.0])
+    m, v = torch.tensor([-1.0, 0.5, 2.0]), torch.tensor([0.0, 0.3, 1.2])
+    n = torch.tensor([5.0, 9.0, 7.0])
+    torch.testing.assert_close(poisson_log_evidence(y, m, v, validate=False),
+                               poisson_log_evidence(y, m, v))
+    torch.testing.assert_close(binomial_log_evidence(y, n, m, v, validate=False),
+                               binomial_log_evidence(y, n, m, v))
+    b = torch.tensor([0.0, 1.0, 1.0])
+    torch.testing.assert_close(bernoulli_log_evidence(b, m, v, validate=False),
+                               bernoulli_log_evidence(b, m, v))
+    with pytest.raises(ValueError, match="non-negative"):
+        poisson_log_evidence(-y - 1, m, v)
+    poisson_log_evidence(-y - 1, m, v, validate=False)  # unchecked, as documented
