@@ -442,6 +442,13 @@ def _ess_bulk(x):
         return np.array([float(az.ess(x[:, :, j], method="bulk")) for j in range(k)])
 
 
+
+def _as_torch(array, order="C"):
+    """A tensor sharing ``array``'s memory where it can; read-only draws (NumPyro's, ArviZ's)
+    are copied, as torch cannot share memory it may not write."""
+    return torch.from_numpy(np.require(array, requirements=[order, "W"]))
+
+
 def _wasserstein1(x, y, max_elements=2**22):
     """1-D Wasserstein-1 distance between the columns of ``x`` ``(n, k)`` and ``y`` ``(m, k)``:
     the mean absolute difference of their empirical quantile functions (exact for ``n == m``,
@@ -452,8 +459,8 @@ def _wasserstein1(x, y, max_elements=2**22):
     out = []
     for j in range(0, x.shape[1], step):
         # Column-major blocks: the sort along draws then runs over contiguous memory.
-        qx = _quantiles(torch.from_numpy(np.asfortranarray(x[:, j:j + step])), num)
-        qy = _quantiles(torch.from_numpy(np.asfortranarray(y[:, j:j + step])), num)
+        qx = _quantiles(_as_torch(x[:, j:j + step], "F"), num)
+        qy = _quantiles(_as_torch(y[:, j:j + step], "F"), num)
         out.append((qx - qy).abs().mean(0).numpy())
     return np.concatenate(out)
 
@@ -495,7 +502,7 @@ def _compare_variable(label, name, x, r, hdi_prob, wall, num_projections, seed, 
     if is_reference or k == 1:
         sliced = float(distance[0])  # every projection of a scalar is +-1: the 1-D distance
     else:
-        sliced = sliced_wasserstein(torch.from_numpy(xf), torch.from_numpy(rf),
+        sliced = sliced_wasserstein(_as_torch(xf), _as_torch(rf),
                                     num_projections=num_projections, p=1, seed=seed)
     abs_smd = np.abs(smd)
     with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):

@@ -277,6 +277,25 @@ def test_compare_posteriors_known_answers():
     assert b_all.distance == pytest.approx(2 / math.pi, abs=0.07)
 
 
+def test_compare_posteriors_takes_read_only_draws_quietly():
+    import pandas as pd
+
+    # NumPyro's draws (np.asarray of a JAX array) and ArviZ's are read-only; torch warns when
+    # it shares such memory, so the distances copy them instead: same table, no warning.
+    ref, method = _synthetic()
+    frozen = {name: {k: v.copy() for k, v in d.items()} for name, d in
+              [("method", method), ("exact", ref)]}
+    for d in frozen.values():
+        for v in d.values():
+            v.setflags(write=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        table = compare_posteriors(frozen, ["a", "b"], reference="exact")
+    expected = compare_posteriors({"method": method, "exact": ref}, ["a", "b"],
+                                  reference="exact")
+    pd.testing.assert_frame_equal(table, expected)
+
+
 def test_compare_posteriors_end_to_end(nuts, posterior, smc):
     table = compare_posteriors({"mmps": posterior, "smc": smc, "nuts": nuts}, "f")
     assert list(table.method.unique()) == ["nuts", "mmps", "smc"]
