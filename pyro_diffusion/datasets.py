@@ -201,6 +201,18 @@ def matern52_kernel(points, lengthscale=0.2, variance=1.0):
     return gp_covariance(points, lengthscale, variance, kernel="matern52")
 
 
+def _parameter_device(distribution):
+    """The device of a distribution's first tensor parameter (``None``: it has none)."""
+    for name in getattr(distribution, "arg_constraints", {}):
+        try:
+            value = getattr(distribution, name)
+        except (AttributeError, NotImplementedError):
+            continue
+        if isinstance(value, torch.Tensor):
+            return value.device
+    return None
+
+
 def _sample_hyperprior(value, name, num_samples, generator):
     """``num_samples`` draws of the scalar Distribution ``value`` as a float64 CPU tensor,
     seeded from ``generator`` when given."""
@@ -211,10 +223,10 @@ def _sample_hyperprior(value, name, num_samples, generator):
     if generator is None:
         draws = value.sample((num_samples,))
     else:
-        # Distributions sample from the global RNG: seed it from the private generator inside
-        # seeded, which restores the global state afterwards.
+        # Distributions sample from the global generator of their parameters' device: seed it
+        # (and the CPU's) from the private generator inside seeded, which restores both after.
         sub_seed = int(torch.randint(2 ** 62, (1,), generator=generator).item())
-        with seeded(sub_seed):
+        with seeded(sub_seed, _parameter_device(value)):
             draws = value.sample((num_samples,))
     return draws.detach().to(device="cpu", dtype=torch.float64).reshape(num_samples)
 

@@ -55,6 +55,7 @@ from pyro.infer.autoguide.initialization import init_to_median, init_to_sample
 
 from .inference_data import _import_arviz, _to_numpy
 from .inference_data import to_inference_data as _build_inference_data
+from .likelihood import tensor_devices
 from .metrics import _quantiles, sliced_wasserstein
 from .posterior import BatchPosterior
 from .seeding import seeded
@@ -102,18 +103,24 @@ def _init_strategy(init_to):
 
 
 @contextlib.contextmanager
-def _seeded(seed):
+def _seeded(seed, args=(), kwargs=None):
     """Seed torch, numpy and ``random`` with ``seed`` (``None``: leave them) and restore all
-    three global generators afterwards."""
+    three global generators afterwards. Torch's CPU generator is seeded, and the generator of
+    every accelerator that holds a tensor among the model's ``args`` and ``kwargs`` (NUTS draws
+    where the model's tensors are), and of the current GPU once CUDA is in use."""
     if seed is None:
         yield
         return
-    device = None  # NUTS runs where the model's tensors are: the current GPU once in use
+    devices = [d for d in tensor_devices((args, kwargs or {})) if d.type != "cpu"]
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        device = torch.device("cuda", torch.cuda.current_device())
+        current = torch.device("cuda", torch.cuda.current_device())
+        if not any(d.type == "cuda" and (d.index or 0) == current.index for d in devices):
+            devices.append(current)
     py_state, np_state = random.getstate(), np.random.get_state()
     try:
-        with seeded(seed, device):
+        with contextlib.ExitStack() as stack:
+            for device in devices or [None]:
+                stack.enter_context(seeded(seed, device))
             random.seed(seed)
             np.random.seed(seed)
             yield
@@ -214,8 +221,9 @@ def run_nuts(model, *args, num_samples=500, warmup_steps=500, num_chains=2, seed
         mcmc.deterministic_samples["f"]            # (2, 1000, d): the field itself
         compare_posteriors({"nuts": mcmc, "diffusion": posterior}, "f")
 
-    Seeding: with an integer ``seed`` the run seeds torch (the CPU generator, and the current
-    GPU's once CUDA is in use), ``numpy`` and ``random`` with it, as ``pyro.set_rng_seed(seed)``
+    Seeding: with an integer ``seed`` the run seeds torch (the CPU generator, the generator of
+    every GPU that holds a tensor among the model's arguments, and the current GPU's once CUDA
+    is in use), ``numpy`` and ``random`` with it, as ``pyro.set_rng_seed(seed)``
     does, and restores all of them afterwards (:func:`~pyro_diffusion.seeding.seeded`), so the
     caller's global random state is untouched and the run is reproducible (parallel chain
     ``i`` is seeded ``seed + i`` by Pyro). ``seed=None`` uses and advances the global
@@ -259,7 +267,7 @@ def run_nuts(model, *args, num_samples=500, warmup_steps=500, num_chains=2, seed
     kernel = NUTS(model, jit_compile=jit_compile, adapt_mass_matrix=True, full_mass=False,
                   ignore_jit_warnings=True, target_accept_prob=target_accept_prob,
                   max_tree_depth=max_tree_depth, init_strategy=_init_strategy(init_to))
-    with _seeded(seed):
+    with _seeded(seed, args, kwargs):
         mcmc = _build_mcmc(kernel, num_samples, warmup_steps, num_chains, progress, parallel)
         start = time.perf_counter()
         mcmc.run(*args, **kwargs)

@@ -66,6 +66,26 @@ def to_device(value, device):
     return value
 
 
+def tensor_devices(value):
+    """The devices of the tensors in ``value``, searched as :func:`to_device` moves them (also
+    inside tuples, lists and dicts), in order of first appearance."""
+    found = []
+
+    def visit(v):
+        if isinstance(v, torch.Tensor):
+            if v.device not in found:
+                found.append(v.device)
+        elif isinstance(v, (tuple, list)):
+            for item in v:
+                visit(item)
+        elif isinstance(v, dict):
+            for item in v.values():
+                visit(item)
+
+    visit(value)
+    return found
+
+
 class _SetDiffusionValue(Messenger):
     """Give each ``DiffusionPrior`` site a value instead of running its reverse process (with
     no value: zeros, on ``device`` if given, else on the prior's device)."""

@@ -192,3 +192,37 @@ def test_denoisers_built_from_gpu_parts_live_on_the_gpu():
     m = GaussianMixtureDenoiser(torch.ones(2), torch.zeros(2, 3, device="cuda"), torch.ones(2))
     for den in (g, m):
         assert {b.device.type for b in den.buffers()} == {"cuda"}
+
+
+def test_run_nuts_on_gpu_arguments_is_seeded_there_and_restores_the_generator():
+    import pyro
+    import pyro.distributions as dist
+
+    from pyro_diffusion.diagnostics import run_nuts
+
+    def model(y):
+        mu = pyro.sample("mu", dist.Normal(torch.zeros((), device=y.device), 1.0))
+        pyro.sample("y", dist.Normal(mu, 0.5).expand(y.shape).to_event(1), obs=y)
+
+    y = torch.tensor([0.3, 0.9, 0.4], device="cuda")
+    torch.cuda.manual_seed(123)
+    state = torch.cuda.get_rng_state()
+    runs = [run_nuts(model, y, num_samples=50, warmup_steps=50, num_chains=1, seed=3,
+                     progress=False, jit_compile=False).get_samples()["mu"] for _ in range(2)]
+    assert runs[0].device.type == "cuda" and torch.equal(runs[0], runs[1])
+    assert torch.equal(torch.cuda.get_rng_state(), state)
+
+
+def test_sample_gp_with_a_gpu_hyperprior_is_reproducible():
+    import math
+
+    from torch.distributions import LogNormal
+
+    from pyro_diffusion.datasets import sample_gp
+
+    hyper = LogNormal(torch.tensor(math.log(0.2), device="cuda"), 0.3)
+    points = torch.linspace(0, 1, 6)[:, None]
+    draws = [sample_gp(5, points, lengthscale=hyper, seed=7, return_hyperparameters=True)
+             for _ in range(2)]
+    assert torch.equal(draws[0][0], draws[1][0])
+    assert torch.equal(draws[0][1]["lengthscale"], draws[1][1]["lengthscale"])

@@ -162,6 +162,18 @@ def test_to_device_moves_the_tensors_inside_containers():
     assert moved[3] == "text" and value[0].device.type == "cpu"
 
 
+def test_tensor_devices_finds_the_devices_to_device_moves():
+    from collections import namedtuple
+
+    from pyro_diffusion.likelihood import tensor_devices
+
+    Pair = namedtuple("Pair", "a b")
+    value = (torch.ones(2), [torch.zeros(1, device="meta"), 3],
+             {"k": Pair(torch.ones(1), "s"), "m": torch.ones(1, device="meta")}, "text")
+    assert tensor_devices(value) == [torch.device("cpu"), torch.device("meta")]
+    assert tensor_devices(("no", ["tensors"], {})) == []
+
+
 def test_a_model_that_mixes_devices_gets_a_clear_error_and_the_prior_stays():
     # device= moves the arguments, not what the model takes from its enclosing scope.
     scale = torch.ones(D)
