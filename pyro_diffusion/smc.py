@@ -95,9 +95,12 @@ class _Run:
         return self.sigmas.shape[0] - 1
 
     def _site(self, loc, scale):
+        # The filter's own kernels are valid by construction: no argument or sample checks,
+        # which would read values back from the device at every step.
         n = loc.shape[0]
         loc = loc.reshape((n,) + self.plate_shape + self.event_shape)
-        return dist.Normal(loc, scale).to_event(len(self.event_shape))
+        return dist.Independent(dist.Normal(loc, scale, validate_args=False),
+                                len(self.event_shape), validate_args=False)
 
     def particles(self, value):
         """A particle site's value as ``(n, *event_shape)``."""
@@ -148,6 +151,12 @@ class _Run:
         return x0.detach(), (x0 + s2 * grad).detach(), log_p.detach()
 
 
+def _factor(name, log_factor):
+    """:func:`pyro.factor` without argument checks (the twist may be ``-inf``, never NaN)."""
+    unit = dist.Unit(log_factor, validate_args=False)
+    pyro.sample(name, unit, obs=unit.sample(), infer={"is_auxiliary": True})
+
+
 class _TargetModel:
     """SMCFilter model: the unguided kernel, with the twist ratio as a factor."""
 
@@ -157,7 +166,7 @@ class _TargetModel:
     def init(self, state, num_particles):
         run = self.run
         x = run.particles(pyro.sample("x", run.initial(num_particles)))
-        pyro.factor("twist", run.per_particle(run.evaluate(state, x, 0)))
+        _factor("twist", run.per_particle(run.evaluate(state, x, 0)))
 
     def step(self, state, i):
         run = self.run
@@ -165,7 +174,7 @@ class _TargetModel:
         x = run.particles(pyro.sample("x", run.kernel(state["x"], state["x0"], i)))
         new = run.evaluate(state, x, i + 1)
         # A particle whose old twist was -inf has zero weight already; keep it at -inf.
-        pyro.factor("twist", run.per_particle(torch.where(torch.isfinite(old), new - old, old)))
+        _factor("twist", run.per_particle(torch.where(torch.isfinite(old), new - old, old)))
 
 
 class _ProposalGuide:
@@ -198,8 +207,9 @@ class _EvidenceFilter(SMCFilter):
     def _update_weights(self, model_trace, guide_trace):
         model_trace = poutine.util.prune_subsample_sites(model_trace)
         guide_trace = poutine.util.prune_subsample_sites(guide_trace)
-        model_trace.compute_log_prob()
-        guide_trace.compute_log_prob()
+        with pyro.validation_enabled(False):  # the filter's own sites: no NaN checks per step
+            model_trace.compute_log_prob()
+            guide_trace.compute_log_prob()
         n = self.num_particles
         incr = torch.zeros_like(self.state._log_weights)
         for name, site in guide_trace.nodes.items():
