@@ -59,7 +59,7 @@ class HostReads:
         self.syncs = 0
         self._saved = {}
 
-    def _wrap(self, name, original):
+    def _wrap(self, original):
         def counted(tensor, *args, **kwargs):
             self.reads += 1
             return original(tensor, *args, **kwargs)
@@ -71,7 +71,7 @@ class HostReads:
         for name in READS:
             original = getattr(torch.Tensor, name)
             self._saved[name] = original
-            setattr(torch.Tensor, name, self._wrap(name, original))
+            setattr(torch.Tensor, name, self._wrap(original))
         try:
             if not self.cuda:
                 yield self
@@ -120,10 +120,8 @@ def samplers(num_samples, seed):
 def run_once(item, prior, data, seed):
     if isinstance(item, tuple):  # plain prior sampling
         _, sampler, steps = item
-        p = type(prior)(prior.denoiser, prior.event_shape, num_steps=steps, sampler=sampler,
-                        progress=False)
         with pyro_diffusion.seeding.seeded(seed, prior.device):
-            p.sample((data["n"],))
+            prior.replace(num_steps=steps, sampler=sampler).sample((data["n"],))
         return
     kind = data["kind"]
     if kind == "gaussian":
