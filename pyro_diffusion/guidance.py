@@ -150,7 +150,11 @@ class DPS(Guidance):
         :math:`\sigma^2` instead, the exact posterior-denoiser form of DPS's approximation,
         which diverges at high noise for precise observations.
 
-    Works for any observed site with a differentiable ``log_prob``.
+    Works for any observed site with a differentiable ``log_prob``. It treats :math:`\hat x`
+    as exact, ignoring the spread of :math:`x_0` given :math:`x_\sigma`, so its posteriors
+    tend to be too narrow, the more so the more informative the data; for counts prefer the
+    evidence trick (:class:`EvidenceTrick`), for Gaussian data :class:`MMPS`, and check
+    against NUTS (:func:`~pyro_diffusion.diagnostics.compare_posteriors`).
     """
 
     def __init__(self, zeta=1.0):
