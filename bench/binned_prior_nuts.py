@@ -99,11 +99,12 @@ def main():
     parser.add_argument("--out", default=None, help="also write the results here (markdown)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    d, nodes = 256, 16
+    d = 256
     _, points = vs_nuts.grid("1d", d)
     sqdist = vs_nuts.squared_distances(points)
-    full = vs_nuts.scale_mixture(sqdist, nodes)
-    mixture = binned_mixture(full, nodes, args.bins, ["lengthscale", "variance"].index(args.axis))
+    full = vs_nuts.scale_mixture(sqdist)
+    axis = ["lengthscale", "variance"].index(args.axis)
+    mixture = binned_mixture(full, vs_nuts.NODES, args.bins, axis)
     _, y, _ = vs_nuts.simulate(points, "hyper", args.likelihood, args.seed)
     path = os.path.join(args.cache, f"ref_{d}_hyper_{args.likelihood}_seed{args.seed}_"
                                     "2x500+1000_numpyro.pt")
@@ -134,6 +135,7 @@ def main():
     if args.out:
         with open(args.out, "w") as fh:
             fh.write("\n".join(lines) + "\n")
+
 
 if __name__ == "__main__":
     main()

@@ -97,37 +97,37 @@ def gaussian_model(prior, y, scale=0.5):
         pyro.sample("y", dist.Normal(f, scale), obs=y)
 
 
-def samplers(num_samples, seed):
-    """``name -> (build(steps), model)``: each sampler with ``steps`` steps."""
+def samplers(prior, data, num_samples, seed):
+    """``name -> run(steps)``: one seeded run of each sampler on the problem with ``steps``
+    steps (reverse steps; Langevin steps for ``DiffusionLangevin``)."""
     common = {"num_samples": num_samples, "batch_size": num_samples, "seed": seed,
               "progress": False}
+    counts = (data["expected"], data["counts"])
+
+    def prior_sampling(sampler):
+        def run(steps):
+            with pyro_diffusion.seeding.seeded(seed, prior.device):
+                prior.replace(num_steps=steps, sampler=sampler).sample((num_samples,))
+        return run
+
+    def guided(guidance):
+        model, args = ((gaussian_model, (data["gaussian"],)) if guidance == "mmps"
+                       else (diffusion_model, counts))
+        return lambda steps: DiffusionPosterior(model, guidance=guidance, num_steps=steps,
+                                                **common).run(prior, *args)
+
     return {
-        "prior ancestral": (lambda s: ("prior", "ancestral", s), None),
-        "prior heun": (lambda s: ("prior", "heun", s), None),
-        "posterior dps": (lambda s: DiffusionPosterior(diffusion_model, guidance="dps",
-                                                       num_steps=s, **common), "poisson"),
-        "posterior evidence": (lambda s: DiffusionPosterior(
-            diffusion_model, guidance="evidence", num_steps=s, **common), "poisson"),
-        "posterior mmps": (lambda s: DiffusionPosterior(gaussian_model, guidance="mmps",
-                                                        num_steps=s, **common), "gaussian"),
-        "langevin": (lambda s: DiffusionLangevin(diffusion_model, num_steps=s, **common),
-                     "poisson"),
-        "smc": (lambda s: DiffusionSMC(diffusion_model, num_particles=num_samples,
-                                       num_steps=s, seed=seed, progress=False), "poisson"),
+        "prior ancestral": prior_sampling("ancestral"),
+        "prior heun": prior_sampling("heun"),
+        "posterior dps": guided("dps"),
+        "posterior evidence": guided("evidence"),
+        "posterior mmps": guided("mmps"),
+        "langevin": lambda steps: DiffusionLangevin(diffusion_model, num_steps=steps,
+                                                    **common).run(prior, *counts),
+        "smc": lambda steps: DiffusionSMC(diffusion_model, num_particles=num_samples,
+                                          num_steps=steps, seed=seed, progress=False).run(
+            prior, *counts),
     }
-
-
-def run_once(item, prior, data, seed):
-    if isinstance(item, tuple):  # plain prior sampling
-        _, sampler, steps = item
-        with pyro_diffusion.seeding.seeded(seed, prior.device):
-            prior.replace(num_steps=steps, sampler=sampler).sample((data["n"],))
-        return
-    kind = data["kind"]
-    if kind == "gaussian":
-        item.run(prior, data["gaussian"])
-    else:
-        item.run(prior, data["expected"], data["counts"])
 
 
 def main():
@@ -152,24 +152,22 @@ def main():
     expected = torch.full((n,), 5.0)
     counts = torch.poisson(expected * truth.exp(), generator=gen)
     gaussian = truth + 0.5 * torch.randn(n, generator=gen)
-    data = {"n": args.num_samples, "expected": expected.to(device),
-            "counts": counts.to(device), "gaussian": gaussian.to(device)}
+    data = {"expected": expected.to(device), "counts": counts.to(device),
+            "gaussian": gaussian.to(device)}
     counter = HostReads(cuda)
     table = []
-    chosen = samplers(args.num_samples, args.seed)
+    chosen = samplers(prior, data, args.num_samples, args.seed)
     names = args.samplers or list(chosen)
     for validation in args.validation:
         for name in names:
-            build, kind = chosen[name]
-            data["kind"] = kind
+            run = chosen[name]
             counts_at = {}
             for steps in (args.steps, 2 * args.steps):
                 with pyro.validation_enabled(validation == "on"):
-                    run_once(build(steps), prior, data, args.seed)  # warm-up, uncounted
-                    item = build(steps)
+                    run(steps)  # warm-up, uncounted
                     tic = time.perf_counter()
                     with counter():
-                        run_once(item, prior, data, args.seed)
+                        run(steps)
                     wall = time.perf_counter() - tic
                 counts_at[steps] = (counter.reads, counter.syncs, wall)
             (r1, s1, _), (r2, s2, w2) = counts_at[args.steps], counts_at[2 * args.steps]

@@ -114,6 +114,8 @@ LENGTHSCALE_LOG_SD = 0.3
 VARIANCE_LOG_SD = 0.3
 JITTER = 1e-6
 HDI = 0.9
+#: Gauss-Hermite nodes per hyperparameter of the ``hyper`` form's exact scale mixture.
+NODES = 16
 FORMS = ("fixed", "hyper")
 LIKELIHOODS = ("poisson", "binomial")
 
@@ -311,14 +313,14 @@ def gaussian_skip_option(args):
     return True if args.skip_components == 1 else args.skip_components
 
 
-def scale_mixture(sqdist, nodes=16, dtype=torch.float64):
+def scale_mixture(sqdist, nodes=NODES, dtype=torch.float64):
     """The exact denoiser of the ``hyper`` form's prior up to quadrature, a mixture over a
     ``nodes x nodes`` grid (see ``_common.gp_scale_mixture``)."""
     return gp_scale_mixture(sqdist, LENGTHSCALE, LENGTHSCALE_LOG_SD, VARIANCE_LOG_SD, JITTER,
                             nodes=nodes, dtype=dtype)
 
 
-def scale_mixture_prior(sqdist, nodes=16):
+def scale_mixture_prior(sqdist, nodes=NODES):
     """The exact prior of the ``hyper`` form up to quadrature (float32)."""
     return DiffusionPrior(scale_mixture(sqdist, nodes, torch.float32), (sqdist.shape[0],))
 
@@ -634,7 +636,7 @@ def main(argv=None):
                     full = scale_mixture(sqdist)
                     for k in args.binned_prior:
                         for axis, name in enumerate(["lengthscale", "variance"]):
-                            den = binned_mixture(full, 16, k, axis).float()
+                            den = binned_mixture(full, NODES, k, axis).float()
                             candidates.append((f"langevin, {name} in {k} bins",
                                                DiffusionPrior(den, (d,)), pre))
             guided = on_devices([("", prior, None)], args.devices)
