@@ -114,7 +114,7 @@ def _seeded(seed, args=(), kwargs=None):
     devices = [d for d in tensor_devices((args, kwargs or {})) if d.type != "cpu"]
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         current = torch.device("cuda", torch.cuda.current_device())
-        if not any(d.type == "cuda" and (d.index or 0) == current.index for d in devices):
+        if current not in devices:  # a tensor's device always carries its index
             devices.append(current)
     py_state, np_state = random.getstate(), np.random.get_state()
     try:
@@ -448,7 +448,6 @@ def _ess_bulk(x):
             return np.asarray(out, dtype=np.float64).reshape(k)
         # ArviZ 0.x: array input must be one (chain, draw) variable.
         return np.array([float(az.ess(x[:, :, j], method="bulk")) for j in range(k)])
-
 
 
 def _as_torch(array, order="C"):

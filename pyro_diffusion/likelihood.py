@@ -45,6 +45,23 @@ def _is_diffusion_site(site):
 _DEVICE_MISMATCH = re.compile(r"same device|expected device|found at least two devices")
 
 
+def _map_tensors(value, fn):
+    """``value`` with ``fn`` applied to every tensor in it, also inside tuples (named ones
+    too), lists and dicts (copied); other objects are returned as they are."""
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, tuple) and hasattr(value, "_fields"):
+        return type(value)(*(_map_tensors(v, fn) for v in value))
+    if isinstance(value, (tuple, list)):
+        return type(value)(_map_tensors(v, fn) for v in value)
+    if isinstance(value, dict):  # a copy keeps a subclass's state (a defaultdict's factory)
+        mapped = copy.copy(value)
+        for k, v in value.items():
+            mapped[k] = _map_tensors(v, fn)
+        return mapped
+    return value
+
+
 def to_device(value, device):
     """``value`` with every tensor in it, also inside tuples (named ones too), lists and
     dicts, moved to ``device``; other objects are returned as they are.
@@ -52,18 +69,7 @@ def to_device(value, device):
     :param value: a tensor, a container of them, or anything else.
     :param device: the device.
     """
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, tuple) and hasattr(value, "_fields"):
-        return type(value)(*(to_device(v, device) for v in value))
-    if isinstance(value, (tuple, list)):
-        return type(value)(to_device(v, device) for v in value)
-    if isinstance(value, dict):  # a copy keeps a subclass's state (a defaultdict's factory)
-        moved = copy.copy(value)
-        for k, v in value.items():
-            moved[k] = to_device(v, device)
-        return moved
-    return value
+    return _map_tensors(value, lambda t: t.to(device))
 
 
 def tensor_devices(value):
@@ -71,18 +77,12 @@ def tensor_devices(value):
     inside tuples, lists and dicts), in order of first appearance."""
     found = []
 
-    def visit(v):
-        if isinstance(v, torch.Tensor):
-            if v.device not in found:
-                found.append(v.device)
-        elif isinstance(v, (tuple, list)):
-            for item in v:
-                visit(item)
-        elif isinstance(v, dict):
-            for item in v.values():
-                visit(item)
+    def record(t):
+        if t.device not in found:
+            found.append(t.device)
+        return t
 
-    visit(value)
+    _map_tensors(value, record)
     return found
 
 

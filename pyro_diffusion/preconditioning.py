@@ -214,7 +214,7 @@ class EDMDenoiser(nn.Module):
         broadcast over the batch (a stride-0 view, as the samplers pass it) stays a broadcast
         view, so the network can see that it is shared without reading it back."""
         flat = sigma.reshape(-1)
-        shared = flat.dim() == 1 and flat.shape[0] > 1 and flat.stride(0) == 0
+        shared = flat.shape[0] > 1 and flat.stride(0) == 0
         level = flat[:1] if shared else flat
         c_noise = ((level / self.std).clamp(min=1e-20).log() / 4).to(dtype)
         return c_noise.expand(flat.shape[0]) if shared else c_noise
