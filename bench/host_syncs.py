@@ -99,7 +99,8 @@ def gaussian_model(prior, y, scale=0.5):
 
 def samplers(prior, data, num_samples, seed):
     """``name -> run(steps)``: one seeded run of each sampler on the problem with ``steps``
-    steps (reverse steps; Langevin steps for ``DiffusionLangevin``)."""
+    steps (reverse steps; Langevin steps for ``DiffusionLangevin``), returning the draws (prior
+    sampling) or the finished sampler."""
     common = {"num_samples": num_samples, "batch_size": num_samples, "seed": seed,
               "progress": False}
     counts = (data["expected"], data["counts"])
@@ -107,7 +108,7 @@ def samplers(prior, data, num_samples, seed):
     def prior_sampling(sampler):
         def run(steps):
             with pyro_diffusion.seeding.seeded(seed, prior.device):
-                prior.replace(num_steps=steps, sampler=sampler).sample((num_samples,))
+                return prior.replace(num_steps=steps, sampler=sampler).sample((num_samples,))
         return run
 
     def guided(guidance):
