@@ -23,7 +23,7 @@ from pyro.poutine.util import site_is_subsample
 from .evidence import check_counts
 from .prior import DiffusionPrior
 
-__all__ = ["ModelLikelihood", "to_device"]
+__all__ = ["ModelLikelihood", "tensor_devices", "to_device"]
 
 
 def _unwrap(fn):
@@ -74,7 +74,12 @@ def to_device(value, device):
 
 def tensor_devices(value):
     """The devices of the tensors in ``value``, searched as :func:`to_device` moves them (also
-    inside tuples, lists and dicts), in order of first appearance."""
+    inside tuples, lists and dicts), in order of first appearance; ``run_nuts`` seeds the
+    generators of those that are accelerators.
+
+    :param value: a tensor, a container of them, or anything else.
+    :returns: a list of ``torch.device`` (empty when ``value`` holds no tensor).
+    """
     found = []
 
     def record(t):
