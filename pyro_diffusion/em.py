@@ -119,7 +119,8 @@ def _linear_gaussian_moments(model, prior, chunk):
 
     def fn(z):
         state["trace"] = lik.trace(z)
-        return _flat_sites(lik, state["trace"], n, GAUSSIAN, lambda s, b: b.loc)
+        return _flat_sites(lik, state["trace"], n, GAUSSIAN, lambda s, b: b.loc,
+                           weight_power=0.5)
 
     with torch.enable_grad():
         lin = _Linearized(fn, mu)
@@ -127,7 +128,8 @@ def _linear_gaussian_moments(model, prior, chunk):
         eye = torch.eye(m, dtype=mu.dtype, device=mu.device)
         A = torch.stack([lin.vjp(eye[j].expand(n, m)).reshape(n, -1) for j in range(m)], 1)
     trace = state["trace"]
-    y = _flat_sites(lik, trace, n, GAUSSIAN, lambda s, b: s["value"]).detach()
+    # Masked (or scaled) observations: sqrt(weight) on both sides, as MMPS does.
+    y = _flat_sites(lik, trace, n, GAUSSIAN, lambda s, b: s["value"], weight_power=0.5).detach()
     noise_mv, _ = _noise_operator(lik, trace, n)
     noise = torch.stack([noise_mv(eye[j].expand(n, m)) for j in range(m)], -1)
     A = A.detach()

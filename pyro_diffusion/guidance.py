@@ -27,7 +27,7 @@ import math
 import torch
 
 from .evidence import bernoulli_log_evidence, binomial_log_evidence, poisson_log_evidence
-from .likelihood import _unwrap
+from .likelihood import _unwrap, site_weight
 
 GAUSSIAN = ("Normal", "MultivariateNormal")
 COUNTS = ("Poisson", "Binomial", "Bernoulli")
@@ -67,14 +67,15 @@ class _Linearized:
         return _vjp(self._jt_u, self._u, w)
 
 
-def _linearize_sites(lik, x0, read, kinds):
-    """Linearise ``z -> read(observed sites of the model at z)`` (flattened to ``(n, m)``) at
-    the denoised latent ``x0``; returns the :class:`_Linearized` map and the trace at ``x0``."""
+def _linearize_sites(lik, x0, read, kinds, weight_power=None):
+    """Linearise ``z -> read(observed sites of the model at z)`` (flattened to ``(n, m)``, see
+    :func:`_flat_sites`) at the denoised latent ``x0``; returns the :class:`_Linearized` map and
+    the trace at ``x0``."""
     n, state = x0.shape[0], {}
 
     def fn(z):
         state["trace"] = lik.trace(z)
-        return _flat_sites(lik, state["trace"], n, kinds, read)
+        return _flat_sites(lik, state["trace"], n, kinds, read, weight_power)
 
     lin = _Linearized(fn, x0)
     return lin, state["trace"]
@@ -99,12 +100,17 @@ def _sites(lik, trace, kinds):
     return out
 
 
-def _flat_sites(lik, trace, n, kinds, read):
-    """Concatenate per-site quantities ``read(site, base) -> tensor`` as ``(n, m)``."""
+def _flat_sites(lik, trace, n, kinds, read, weight_power=None):
+    """Concatenate per-site quantities ``read(site, base) -> tensor`` as ``(n, m)``; with
+    ``weight_power``, each observation's quantity is multiplied by its weight (mask times
+    scale, :func:`~pyro_diffusion.likelihood.site_weight`) to that power."""
     parts = []
     for site in _sites(lik, trace, kinds):
         base = _unwrap(site["fn"])
         value = read(site, base).expand(site["fn"].shape())
+        weight = site_weight(site) if weight_power is not None else None
+        if weight is not None:
+            value = value * (weight if weight_power == 1 else weight.pow(weight_power))
         parts.append(lik.per_particle(value, site, n, len(site["fn"].event_shape)))
     return torch.cat(parts, dim=-1)
 
@@ -170,8 +176,8 @@ class DPS(Guidance):
             log_p = ll.detach() if value else None
             if self.zeta is None:
                 return x0.detach(), grad, log_p
-            resid = _flat_sites(lik, trace, n, None,
-                                lambda s, b: s["value"] - s["fn"].mean).detach()
+            resid = _flat_sites(lik, trace, n, None, lambda s, b: s["value"] - s["fn"].mean,
+                                weight_power=0.5).detach()
             norm = resid.norm(dim=-1).clamp(min=1e-12)
         step = self.zeta / norm
         return x0.detach(), _column(step, x) * grad / _column(sigma, x).square(), log_p
@@ -269,6 +275,12 @@ class MMPS(Guidance):
         zero along a search direction where it is negative and stops there.
         The twist value (``evaluate(..., value=True)``) needs the log-determinant, so it is
         always computed the direct way.
+
+    Masked observations (``poutine.mask`` or a ``.mask(...)`` wrapper) are left out, and a
+    weight :math:`w` from ``poutine.scale`` raises an observation's likelihood to the power
+    :math:`w` (its noise variance divided by :math:`w`): the residual and the rows of
+    :math:`A` are multiplied by :math:`\sqrt{w}`
+    (:func:`~pyro_diffusion.likelihood.site_weight`).
     """
 
     kinds = GAUSSIAN
@@ -285,8 +297,10 @@ class MMPS(Guidance):
         n = x.shape[0]
         with torch.enable_grad():
             x, x0 = _denoise_with_graph(prior, x, sigma)
-            A, trace = _linearize_sites(lik, x0, lambda s, b: b.loc, self.kinds)
-            y = _flat_sites(lik, trace, n, GAUSSIAN, lambda s, b: s["value"]).detach()
+            A, trace = _linearize_sites(lik, x0, lambda s, b: b.loc, self.kinds,
+                                        weight_power=0.5)
+            y = _flat_sites(lik, trace, n, GAUSSIAN, lambda s, b: s["value"],
+                            weight_power=0.5).detach()
             noise_mv, noise_diag = _noise_operator(lik, trace, n)
             s2 = _column(sigma, y).square()
 
@@ -303,11 +317,40 @@ class MMPS(Guidance):
             log_p = None
             if direct:
                 v, log_p = _direct_solve(noise_mv, tweedie_mv, resid)
+                if value:
+                    log_p = log_p + _tempering_constant(lik, trace, n)
             else:
                 v = _cg(matvec, resid, 1.0 / (noise_diag + s2), self.iterations,
                         floor_mv=noise_mv)
             grad = _vjp(x0, x, A.vjp(v.detach()))
         return x0.detach(), grad, (log_p if value else None)
+
+
+def _tempering_constant(lik, trace, n):
+    r"""Per particle ``(n,)``: what turns the moment-matched evidence of the whitened data
+    :math:`\sqrt{w}\,y` into that of the observations tempered by their weights :math:`w`.
+
+    :math:`w \log N(y; a, s^2) = \log N(\sqrt{w} y; \sqrt{w} a, s^2) + \frac{1 - w}{2}
+    \log(2 \pi s^2)` (with :math:`\log\det(2 \pi \Sigma)` for a vector observation), so a
+    masked observation (:math:`w = 0`) adds nothing, as if it were absent."""
+    total = None
+    for site in _sites(lik, trace, GAUSSIAN):
+        weight = site_weight(site)
+        if weight is None:
+            continue
+        base, shape = _unwrap(site["fn"]), site["fn"].shape()
+        ev = len(site["fn"].event_shape)
+        if type(base).__name__ == "Normal":
+            log_norm = (2.0 * math.pi * base.scale.detach().expand(shape).square()).log()
+            term = lik.per_particle(0.5 * (1.0 - weight.expand(shape)) * log_norm, site, n, ev)
+        else:
+            cov = base.covariance_matrix.detach()
+            log_norm = torch.linalg.slogdet(2.0 * math.pi * cov)[1]
+            w = weight.expand(shape)[..., 0]
+            term = lik.per_particle(0.5 * (1.0 - w) * log_norm, site, n, ev - 1)
+        term = term.sum(-1)
+        total = term if total is None else total + term
+    return 0.0 if total is None else total
 
 
 def _direct_solve(noise_mv, tweedie_mv, r):
@@ -350,6 +393,11 @@ class EvidenceTrick(Guidance):
         Gaussian-prior variance with the data scale :math:`\sigma_d`).
     :param int num_probes: random probes for the ``"tweedie"`` variance of large latents.
     :param int exact_max_dim: largest latent size for which the variance is computed exactly.
+
+    Each observation's log-evidence is multiplied by its weight
+    (:func:`~pyro_diffusion.likelihood.site_weight`): masked observations (``poutine.mask`` or
+    a ``.mask(...)`` wrapper) are left out, and a ``poutine.scale`` counts an observation that
+    many times.
 
     The evidence is taken per observation, so several observations of the same natural
     parameter (Bernoulli outcomes of one village) are treated as independent given the noisy
@@ -422,6 +470,7 @@ class EvidenceTrick(Guidance):
             shape = site["fn"].shape()
             ev = len(site["fn"].event_shape)
             y = lik.per_particle(site["value"].expand(shape), site, n, ev)
+            weight = site_weight(site)
             m = y.shape[-1]
             mu, v = mean[:, start:start + m], var[:, start:start + m]
             start += m
@@ -441,6 +490,11 @@ class EvidenceTrick(Guidance):
             else:  # MultivariateNormal outside plates: N(y; mu, Sigma_y + diag(v))
                 cov = base.covariance_matrix.detach() + torch.diag_embed(v)
                 out.append(torch.distributions.MultivariateNormal(mu, cov).log_prob(y)[:, None])
+            if weight is not None:  # masked observations drop out, scaled ones are tempered
+                weight = weight.expand(shape)
+                if kind == "MultivariateNormal":  # one weight per vector observation
+                    weight, ev = weight[..., 0], 0
+                out[-1] = out[-1] * lik.per_particle(weight, site, n, ev)
         return torch.cat(out, dim=-1)
 
 

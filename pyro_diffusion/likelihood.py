@@ -17,13 +17,14 @@ import re
 
 import pyro
 import torch
+from pyro.distributions.torch_distribution import MaskedDistribution
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
 from .evidence import check_counts
 from .prior import DiffusionPrior
 
-__all__ = ["ModelLikelihood", "tensor_devices", "to_device"]
+__all__ = ["ModelLikelihood", "site_weight", "tensor_devices", "to_device"]
 
 
 def _unwrap(fn):
@@ -33,6 +34,51 @@ def _unwrap(fn):
         if inner is None:
             return fn
         fn = inner
+
+
+def _mask_factor(mask, shape, event_dims, like):
+    """A mask (``None``, a bool or a bool tensor over batch dims) as a float factor
+    broadcastable to ``shape`` (batch dims, then ``event_dims`` event dims)."""
+    if mask is None or mask is True:
+        return None
+    if mask is False:
+        return like.new_zeros(())
+    factor = mask.to(dtype=like.dtype, device=like.device)
+    return factor.reshape(factor.shape + (1,) * event_dims)
+
+
+def site_weight(site):
+    r"""The weight of each scalar observation of an observed site, shape ``site["fn"].shape()``,
+    or ``None`` when every weight is 1.
+
+    It is the product of the site's ``poutine.mask`` (0 where masked), its ``poutine.scale`` (or
+    a subsampling plate's scale) and the masks of ``.mask(...)`` wrappers in its distribution;
+    :meth:`ModelLikelihood.site_log_prob` is the weighted sum of the observations' log-densities.
+
+    :param dict site: an observed site of a trace.
+    """
+    fn = site["fn"]
+    shape = fn.shape()
+    like = torch.zeros((), dtype=torch.get_default_dtype())
+    value = site.get("value")
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        like = value
+    factors = [_mask_factor(site.get("mask"), shape, len(fn.event_shape), like)]
+    scale = site.get("scale", 1.0)
+    if isinstance(scale, torch.Tensor) or scale != 1.0:
+        scale = torch.as_tensor(scale, dtype=like.dtype, device=like.device)
+        factors.append(scale.reshape(scale.shape + (1,) * len(fn.event_shape)))
+    while fn is not None:  # .mask(...) wrappers, at any depth under Independent / Expanded
+        if isinstance(fn, MaskedDistribution):
+            factors.append(_mask_factor(fn._mask, shape, len(fn.event_shape), like))
+        fn = getattr(fn, "base_dist", None)
+    factors = [f for f in factors if f is not None]
+    if not factors:
+        return None
+    weight = like.new_ones(shape)
+    for factor in factors:
+        weight = weight * factor
+    return weight
 
 
 def _is_diffusion_site(site):
@@ -119,7 +165,9 @@ def _check_observation(name, fn, value):
     if value.is_floating_point() and torch.isnan(value).any():
         raise ValueError(f"observed site {name!r} contains NaN values "
                          f"({int(torch.isnan(value).sum())} of {value.numel()}); "
-                         "mask them with poutine.mask or drop them from the data")
+                         "set them to any valid value (0, say) and mask them "
+                         "(with poutine.mask(mask=~y.isnan()): masked observations are left "
+                         "out of the likelihood and the guidance), or drop them from the data")
     base = _unwrap(fn)
     kind = type(base).__name__
     total = {"Binomial": getattr(base, "total_count", None), "Bernoulli": 1}.get(kind)
@@ -129,6 +177,24 @@ def _check_observation(name, fn, value):
         check_counts(value, total, name=name)
     except ValueError as e:
         raise ValueError(f"observed site {name!r} ({kind}): {e}") from None
+
+
+def _latent_sites_message(latent, observed):
+    names = ", ".join(map(repr, latent))
+    imputed = [n for n in latent if n.endswith("_unobserved")
+               and n[:-len("_unobserved")] + "_observed" in observed]
+    if imputed:
+        return (f"latent site(s) {names} come from pyro.sample(..., obs_mask=...), which "
+                "imputes the missing values as latent sites; the diffusion samplers take only "
+                "the DiffusionPrior site as latent. Mask the missing values instead: set them "
+                "to any valid value and sample with obs=y inside "
+                "poutine.mask(mask=observed_mask)")
+    return (f"latent site(s) {names} are not DiffusionPrior sites, and the diffusion samplers "
+            "take exactly one latent site. If they are known, observe them, fix them with "
+            "poutine.condition or make them pyro.deterministic; if they have a prior (an "
+            "intercept, a variance), train the diffusion prior on draws that integrate them "
+            "(f = mu + phi for an intercept mu, as the disease-mapping tutorial does) or on "
+            "joint draws with them appended to the field's event")
 
 
 class ModelLikelihood:
@@ -189,9 +255,7 @@ class ModelLikelihood:
             raise ValueError(f"the model has {len(diffusion)} DiffusionPrior sites "
                              f"({', '.join(map(repr, diffusion))}); exactly one is supported")
         if latent:
-            raise ValueError(f"latent site(s) {', '.join(map(repr, latent))} are not "
-                             "DiffusionPrior sites; observe them, fix them with "
-                             "poutine.condition, or make them pyro.deterministic")
+            raise ValueError(_latent_sites_message(latent, observed))
         if not observed:
             raise ValueError("the model has no observed sites: pass data with obs=...")
         site = trace.nodes[diffusion[0]]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pyro_diffusion import DiffusionPrior, GaussianDenoiser
-from pyro_diffusion.likelihood import ModelLikelihood
+from pyro_diffusion.likelihood import ModelLikelihood, site_weight
 
 D = 4
 
@@ -86,6 +86,32 @@ def test_masked_and_scaled_sites():
     torch.testing.assert_close(ModelLikelihood(model, (_prior(),)).log_likelihood(x), expected)
 
 
+def test_site_weight_multiplies_masks_scales_and_mask_wrappers():
+    keep = torch.tensor([True, False, True])
+    wrap = torch.tensor([True, True, False])
+
+    def model(prior):
+        f = pyro.sample("f", prior)
+        with pyro.plate("obs", 3), pyro.poutine.scale(scale=2.0), pyro.poutine.mask(mask=keep):
+            pyro.sample("y", dist.Poisson(f[..., :3].exp()), obs=torch.ones(3))
+        pyro.sample("z", dist.Normal(f[..., :3], 1.0).mask(wrap).to_event(1),
+                    obs=torch.zeros(3))
+        pyro.sample("u", dist.Normal(f, 1.0).to_event(1), obs=torch.zeros(D))
+
+    lik = ModelLikelihood(model, (_prior(),))
+    x = torch.randn(5, D)
+    trace = lik.trace(x)
+    torch.testing.assert_close(site_weight(trace.nodes["y"]),
+                               2.0 * keep.float().expand(5, 3))
+    torch.testing.assert_close(site_weight(trace.nodes["z"]), wrap.float().expand(5, 3))
+    assert site_weight(trace.nodes["u"]) is None
+    # The likelihood is the weighted sum of the observations' log-densities.
+    expected = (2.0 * keep * dist.Poisson(x[:, :3].exp()).log_prob(torch.ones(3))).sum(-1) + (
+        wrap * dist.Normal(x[:, :3], 1.0).log_prob(torch.zeros(3))).sum(-1) + dist.Normal(
+        x, 1.0).log_prob(torch.zeros(D)).sum(-1)
+    torch.testing.assert_close(lik.log_likelihood(x), expected)
+
+
 def _no_diffusion(prior):
     f = pyro.sample("f", dist.Normal(torch.zeros(D), 1.0).to_event(1))
     pyro.sample("y", dist.Normal(f, 1.0).to_event(1), obs=torch.zeros(D))
@@ -101,6 +127,12 @@ def _extra_latent(prior):
     f = pyro.sample("f", prior)
     s = pyro.sample("noise_scale", dist.HalfNormal(1.0))
     pyro.sample("y", dist.Normal(f, s).to_event(1), obs=torch.zeros(D))
+
+
+def _obs_mask(prior):
+    f = pyro.sample("f", prior)
+    pyro.sample("y", dist.Normal(f, 1.0).to_event(1), obs=torch.zeros(D),
+                obs_mask=torch.tensor([True, False, True, True]))
 
 
 def _in_plate(prior):
@@ -127,7 +159,8 @@ def _counts(kind, y, n=None):
 @pytest.mark.parametrize("model,match", [
     (_no_diffusion, "no sample site distributed as a DiffusionPrior"),
     (_two_diffusion, "2 DiffusionPrior sites"),
-    (_extra_latent, "'noise_scale'"),
+    (_extra_latent, "'noise_scale' are not DiffusionPrior sites.*train the diffusion prior"),
+    (_obs_mask, "'y_unobserved' come from pyro.sample\\(..., obs_mask=...\\).*poutine.mask"),
     (_in_plate, "inside plate 'rep'"),
     (_counts("poisson", torch.tensor([1.0, -2.0])),
      "'y' \\(Poisson\\): y must be a non-negative count, got y=-2 at index \\(1,\\)"),

@@ -540,3 +540,135 @@ def test_evidence_trick_with_random_probes_stays_finite_on_a_smooth_gp():
     f = post.run(prior, y).get_samples()["f"]
     assert torch.isfinite(f).all() and f.abs().max() < 6
     assert (f.mean(0) - truth).abs().mean() < 0.4
+
+
+# --- masked and scaled observations -----------------------------------------------------------
+
+
+def _masked_model(kind, mask_how):
+    """Observations of ``f[..., :6]`` of family ``kind``, of which ``MASK`` keeps four."""
+
+    def model(prior, y, total=None):
+        f = pyro.sample("f", prior)[..., :6]
+        if kind == "poisson":
+            d = dist.Poisson(3.0 * f.exp())
+        elif kind == "binomial":
+            d = dist.Binomial(total, logits=f)
+        else:
+            d = dist.Normal(f, 0.3)
+        if mask_how == "poutine":
+            with pyro.plate("obs", 6), pyro.poutine.mask(mask=MASK):
+                pyro.sample("y", d, obs=y)
+        else:  # a .mask(...) wrapper under to_event
+            pyro.sample("y", d.mask(MASK).to_event(1), obs=y)
+
+    return model
+
+
+def _subset_model(kind):
+    def model(prior, y, total=None):
+        f = pyro.sample("f", prior)[..., :6][..., MASK]
+        if kind == "poisson":
+            d = dist.Poisson(3.0 * f.exp())
+        elif kind == "binomial":
+            d = dist.Binomial(total[MASK], logits=f)
+        else:
+            d = dist.Normal(f, 0.3)
+        pyro.sample("y", d.to_event(1), obs=y[MASK])
+
+    return model
+
+
+MASK = torch.tensor([True, False, True, True, False, True])
+
+
+@pytest.mark.parametrize("mask_how", ["poutine", "wrapper"])
+@pytest.mark.parametrize("kind,guidance", [
+    ("normal", MMPS(solver="direct")), ("normal", MMPS(iterations=3, solver="cg")),
+    ("normal", EvidenceTrick()), ("normal", DPS()),
+    ("poisson", EvidenceTrick()), ("binomial", EvidenceTrick()), ("poisson", DPS()),
+])
+def test_masked_observations_guide_as_if_they_were_absent(kind, guidance, mask_how):
+    # The masked positions hold placeholders far from anything the field could explain; the
+    # guidance (gradient and twist value) must equal that of the model without them.
+    d = 8
+    prior, _ = _gp_prior(d, num_steps=16)
+    total = torch.tensor([10.0, 5.0, 20.0, 8.0, 3.0, 12.0], dtype=F64)
+    y = torch.tensor([4.0, 500.0, 1.0, 9.0, 0.0, 2.0], dtype=F64)
+    if kind == "binomial":
+        y = torch.minimum(y, total)
+    if kind == "normal":
+        y = torch.tensor([0.4, 50.0, -0.3, 1.1, -40.0, 0.2], dtype=F64)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(5, d, generator=gen, dtype=F64) * 2
+    sigma = torch.tensor([0.02, 0.3, 1.0, 4.0, 40.0], dtype=F64)
+    masked = ModelLikelihood(_masked_model(kind, mask_how), (prior, y, total))
+    subset = ModelLikelihood(_subset_model(kind), (prior, y, total))
+    value = not isinstance(guidance, DPS)
+    _, grad, log_p = guidance.evaluate(masked, prior, x, sigma, value=value)
+    _, grad_ref, log_p_ref = guidance.evaluate(subset, prior, x, sigma, value=value)
+    torch.testing.assert_close(grad, grad_ref)
+    if value:
+        torch.testing.assert_close(log_p, log_p_ref)
+    torch.testing.assert_close(masked.log_likelihood(x), subset.log_likelihood(x))
+
+
+def test_a_scale_tempers_each_observation():
+    # poutine.scale(w) on Gaussian data is the likelihood of noise sd / sqrt(w): MMPS and the
+    # evidence trick must guide exactly as with that noise; for counts the evidence trick takes
+    # each observation's evidence w times, as if it were observed w times.
+    d, w = 6, 2.0
+    prior, _ = _gp_prior(d, num_steps=16)
+    y = torch.tensor([0.4, -0.2, 1.1], dtype=F64)
+
+    def scaled(prior, y):
+        f = pyro.sample("f", prior)
+        with pyro.plate("obs", 3), pyro.poutine.scale(scale=w):
+            pyro.sample("y", dist.Normal(f[..., :3], 0.3), obs=y)
+
+    def sharper(prior, y):
+        f = pyro.sample("f", prior)
+        with pyro.plate("obs", 3):
+            pyro.sample("y", dist.Normal(f[..., :3], 0.3 / w ** 0.5), obs=y)
+
+    counts = torch.tensor([3.0, 0.0, 7.0], dtype=F64)
+
+    def scaled_counts(prior, y):
+        f = pyro.sample("f", prior)
+        with pyro.plate("obs", 3), pyro.poutine.scale(scale=w):
+            pyro.sample("y", dist.Poisson(2.0 * f[..., :3].exp()), obs=y)
+
+    def twice(prior, y):
+        f = pyro.sample("f", prior)
+        with pyro.plate("obs", 6):
+            pyro.sample("y", dist.Poisson(2.0 * f[..., [0, 1, 2, 0, 1, 2]].exp()),
+                        obs=y.repeat(2))
+
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(4, d, generator=gen, dtype=F64)
+    sigma = torch.tensor([0.05, 0.5, 2.0, 20.0], dtype=F64)
+    for guidance, (a, b, data) in [(MMPS(solver="direct"), (scaled, sharper, y)),
+                                   (MMPS(iterations=3, solver="cg"), (scaled, sharper, y)),
+                                   (EvidenceTrick(), (scaled_counts, twice, counts))]:
+        value = guidance.solver == "direct" if isinstance(guidance, MMPS) else True
+        _, grad, log_p = guidance.evaluate(ModelLikelihood(a, (prior, data)), prior, x, sigma,
+                                           value=value)
+        _, grad_ref, log_p_ref = guidance.evaluate(ModelLikelihood(b, (prior, data)), prior, x,
+                                                   sigma, value=value)
+        torch.testing.assert_close(grad, grad_ref)
+        if isinstance(guidance, EvidenceTrick):
+            torch.testing.assert_close(log_p, log_p_ref)
+
+
+def test_masked_poisson_posterior_matches_the_model_without_the_masked_areas():
+    # End to end: the masked areas keep their prior whatever their placeholder counts.
+    d = 8
+    prior, _ = _gp_prior(d, num_steps=32)
+    y = torch.tensor([4.0, 0.0, 1.0, 9.0, 0.0, 2.0], dtype=F64)
+    runs = [DiffusionPosterior(model, num_samples=64, seed=0, progress=False).run(
+        prior, data).get_samples()["f"]
+        for model, data in [(_masked_model("poisson", "poutine"), y),
+                            (_masked_model("poisson", "poutine"), y + 300 * ~MASK),
+                            (_subset_model("poisson"), y)]]
+    torch.testing.assert_close(runs[0], runs[2])
+    torch.testing.assert_close(runs[1], runs[2])
