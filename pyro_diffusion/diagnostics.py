@@ -609,7 +609,7 @@ def plot_comparison(posteriors, var_name, reference="nuts", *, hdi_prob=0.9, max
     (mean) and line (central ``hdi_prob`` interval) per method, offset vertically, the reference
     first; at most ``max_coords`` evenly spaced coordinates are shown. Right: each method's
     means against the reference's means for all coordinates, with the method's intervals as
-    error bars and the identity line: points on the line agree in location, error bars that
+    vertical lines and the identity line: points on the line agree in location, error bars that
     are short relative to the reference's spread mean over-confidence.
 
     :param dict posteriors: as for :func:`compare_posteriors`.
@@ -641,7 +641,7 @@ def plot_comparison(posteriors, var_name, reference="nuts", *, hdi_prob=0.9, max
         fig, axes = plt.subplots(1, 2, figsize=(11, min(3 + 0.22 * shown, 14)))
     else:
         axes = list(ax) if not hasattr(ax, "plot") else [ax]
-        if len(axes) != 2 or not all(hasattr(a, "errorbar") for a in axes):
+        if len(axes) != 2 or not all(hasattr(a, "vlines") for a in axes):
             raise ValueError(f"ax must be None or a pair of matplotlib Axes, got {ax!r}")
         fig = axes[0].figure
     forest, scatter = axes
@@ -669,8 +669,10 @@ def plot_comparison(posteriors, var_name, reference="nuts", *, hdi_prob=0.9, max
     lo, hi = ref_mean.min(), ref_mean.max()
     for label in others:
         mean, _, lower, upper = stats[label]
-        scatter.errorbar(ref_mean, mean, yerr=np.stack([mean - lower, upper - mean]), fmt="o",
-                         ms=3.5, elinewidth=0.8, alpha=0.8, color=colors[label], label=label)
+        # Intervals as lines, not error bars: the mean of a skewed posterior (a relative
+        # risk) can lie outside its own central interval.
+        scatter.vlines(ref_mean, lower, upper, lw=0.8, alpha=0.8, color=colors[label])
+        scatter.plot(ref_mean, mean, "o", ms=3.5, alpha=0.8, color=colors[label], label=label)
         lo, hi = min(lo, lower.min()), max(hi, upper.max())
     scatter.plot([lo, hi], [lo, hi], "k--", lw=1, label="identity")
     scatter.set_xlabel(f"reference ({reference}) posterior mean")

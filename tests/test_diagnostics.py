@@ -381,3 +381,25 @@ def test_plot_comparison():
             plot_comparison({"nuts": ref}, "h")
     finally:
         plt.close(fig)
+
+
+def test_plot_comparison_of_a_skewed_posterior_draws_each_interval():
+    # exp of a wide normal: the mean lies above the central 50 % interval (matplotlib's error
+    # bars refuse that); each method's intervals are drawn as they are.
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rng = np.random.default_rng(1)
+    ref = {"rr": np.exp(rng.normal(0.0, 2.0, size=(2, 500, 3)))}
+    other = {"rr": np.exp(rng.normal(0.2, 2.0, size=(1, 800, 3)))}
+    fig = plot_comparison({"nuts": ref, "diffusion": other}, "rr", hdi_prob=0.5)
+    try:
+        lines = fig.axes[1].collections[0].get_segments()
+        lower, upper = np.quantile(other["rr"].reshape(-1, 3), [0.25, 0.75], axis=0)
+        np.testing.assert_allclose([seg[0][1] for seg in lines], lower)
+        np.testing.assert_allclose([seg[1][1] for seg in lines], upper)
+        assert (other["rr"].reshape(-1, 3).mean(0) > upper).any()
+    finally:
+        plt.close(fig)
