@@ -70,12 +70,16 @@ def _check_data(data):
                              f"dimension, got {type(value).__name__}"
                              + (f" of shape {tuple(value.shape)}"
                                 if isinstance(value, torch.Tensor) else ""))
-        if value.is_floating_point() and torch.isnan(value).any():
-            raise ValueError(f"data[{name!r}] contains NaN values")
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            bad = "NaN" if torch.isnan(value).any() else "infinite"
+            raise ValueError(f"data[{name!r}] contains {bad} values")
         sizes[name] = value.shape[0]
     if len(set(sizes.values())) != 1:
         raise ValueError(f"every data tensor needs the same leading size N; got {sizes}")
-    return next(iter(sizes.values()))
+    n = next(iter(sizes.values()))
+    if n == 0:
+        raise ValueError(f"data holds no observations: leading size N = 0 ({sizes})")
+    return n
 
 
 def _fingerprint(data):
@@ -111,8 +115,8 @@ def _linear_gaussian_moments(model, prior, chunk):
     under the chunk's Gaussian observed sites, linearised at the prior mean (exact when the
     sites' ``loc`` is linear in the field)."""
     g = prior.denoiser
-    lik = ModelLikelihood(model, (prior,), chunk)
     n = next(iter(chunk.values())).shape[0]
+    lik = ModelLikelihood(model, (prior,), chunk, num_particles=n)
     mu = g.mean.reshape((1,) + tuple(prior.event_shape)).expand(
         (n,) + tuple(prior.event_shape))
     state = {}
@@ -318,6 +322,7 @@ class _EMRun:
                                       batch_size=num, num_steps=self.settings["num_steps"],
                                       sampler=self.settings["sampler"], progress=False,
                                       seed=_seed(self.settings["seed"], "e-step", lap, b))
+            post._num_particles = num  # the chunk's rows belong to the particles
             post.run(prior, **chunk)
             out.append(post.get_samples()[post.likelihood.site].detach())
         return torch.cat(out)
@@ -331,7 +336,8 @@ class _EMRun:
         mean = torch.zeros(d, dtype=dtype, device=self.device)
         cov = torch.eye(d, dtype=dtype, device=self.device)
         probe = ModelLikelihood(self.model, (self._gaussian_prior(mean, cov),),
-                                {k: v[:1].to(self.device) for k, v in self.data.items()})
+                                {k: v[:1].to(self.device) for k, v in self.data.items()},
+                                num_particles=1)
         closed_form = observation_kinds(probe) <= set(GAUSSIAN)
         rounds = self.settings["gaussian_rounds"]
         rounds = (32 if closed_form else 4) if rounds is None else int(rounds)

@@ -475,11 +475,18 @@ class DiffusionLangevin(BatchPosterior):
         r"""At one point ``x`` ``(d,)`` (float64, the data's units): the log-likelihood, its
         gradient (float64) and :math:`c`, the norms of its Hessian's rows from ``probes``
         Rademacher probes (:meth:`_likelihood_gradient`; :math:`|H_{ii}|` exactly when each
-        observation depends on one coordinate), non-finite values set to 0."""
+        observation depends on one coordinate), non-finite values set to 0.
+
+        The curvature is probed at ``x`` moved by the prior's noise floor ``sigma_min`` along a
+        random sign per coordinate: torch writes the Binomial and Bernoulli log-densities with
+        :math:`|\mathrm{logit}|`, whose autograd second derivative is 0 at a logit of exactly
+        0 (a zero-mean prior's mean), where the true curvature is largest."""
         x = x.to(prior.dtype).expand(probes, -1).reshape((probes,) + prior.event_shape)
-        log_lik, grad, square = self._likelihood_gradient(lik, x)
+        log_lik, grad, _ = self._likelihood_gradient(lik, x[:1], curvature=False)
+        jitter = torch.randint(0, 2, x.shape, device=x.device).to(x.dtype) * 2 - 1
+        _, _, square = self._likelihood_gradient(lik, x + prior.sigma_min * jitter)
         c = square.reshape(probes, -1).double().mean(0).sqrt()
-        return (float(log_lik[0]), grad.reshape(probes, -1)[0].double(),
+        return (float(log_lik[0]), grad.reshape(-1).double(),
                 torch.nan_to_num(c, nan=0.0, posinf=0.0))
 
     def _refine_mode(self, lik, prior, a_mode, chol, probes=8):

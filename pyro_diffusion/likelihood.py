@@ -141,17 +141,19 @@ class _SetDiffusionValue(Messenger):
     """Give each ``DiffusionPrior`` site a value instead of running its reverse process (with
     no value: zeros, on ``device`` if given, else on the prior's device)."""
 
-    def __init__(self, value=None, device=None):
+    def __init__(self, value=None, device=None, batch_shape=()):
         super().__init__()
         self.value = value
         self.device = device
+        self.batch_shape = tuple(batch_shape)
 
     def _pyro_sample(self, msg):
         if msg["is_observed"] or not isinstance(_unwrap(msg["fn"]), DiffusionPrior):
             return
         fn = msg["fn"]
         if self.value is None:
-            msg["value"] = torch.zeros(fn.shape(), dtype=_unwrap(fn).dtype,
+            msg["value"] = torch.zeros(self.batch_shape + tuple(fn.shape()),
+                                       dtype=_unwrap(fn).dtype,
                                        device=self.device or _unwrap(fn).device)
         else:
             msg["value"] = self.value
@@ -208,12 +210,17 @@ class ModelLikelihood:
     :param device: if given, move the tensors among ``args`` and ``kwargs`` (:func:`to_device`)
         and the prior (in place, as ``nn.Module.to`` does) to this device. Tensors the model
         takes from elsewhere (a closure, a global) are not moved: pass them as arguments.
+    :param int num_particles: for data laid out one row per particle (as
+        :func:`~pyro_diffusion.fit_prior` passes its chunks), the number of rows: the model is
+        then first traced with a latent of that leading size, so that ``Normal(f, s)`` with
+        ``y`` of shape ``(n, d)`` matches. ``None`` (default): one data set shared by all
+        particles, traced with an unbatched latent.
     :raises ValueError: for a model without, or with more than one, diffusion site, for other
         latent sites, for observations of the wrong shape, NaNs, or impossible counts, and
         for a model that mixes devices.
     """
 
-    def __init__(self, model, args=(), kwargs=None, device=None):
+    def __init__(self, model, args=(), kwargs=None, device=None, num_particles=None):
         self.model = model
         self.args = tuple(args)
         self.kwargs = dict(kwargs or {})
@@ -222,8 +229,9 @@ class ModelLikelihood:
             self.args, self.kwargs = to_device(self.args, device), to_device(self.kwargs, device)
         try:
             with torch.no_grad():
-                trace = pyro.poutine.trace(_SetDiffusionValue(device=device)(model)).get_trace(
-                    *self.args, **self.kwargs)
+                probe = _SetDiffusionValue(device=device, batch_shape=(
+                    () if num_particles is None else (int(num_particles),)))
+                trace = pyro.poutine.trace(probe(model)).get_trace(*self.args, **self.kwargs)
         except RuntimeError as e:
             first = (str(e).splitlines() or [""])[0]
             if not _DEVICE_MISMATCH.search(first):

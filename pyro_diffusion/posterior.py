@@ -31,6 +31,8 @@ class BatchPosterior:
     """
 
     _samples = _num_chains = wall_time = None
+    #: Rows of per-particle data (fit_prior's E-step), passed to ModelLikelihood.
+    _num_particles = None
 
     def _check_sizes(self):
         if self.num_samples < 1 or self.batch_size < 1:
@@ -44,7 +46,8 @@ class BatchPosterior:
 
     def run(self, *args, **kwargs):
         """Sample the posterior of ``model(*args, **kwargs)``; returns ``self``."""
-        lik = ModelLikelihood(self.model, args, kwargs, device=self.device)
+        lik = ModelLikelihood(self.model, args, kwargs, device=self.device,
+                              num_particles=self._num_particles)
         prior = lik.prior
         self._prepare(lik, prior)
         start = time.perf_counter()

@@ -200,8 +200,13 @@ def test_bad_data_is_refused():
     with pytest.raises(ValueError, match="NaN"):
         fit_prior(model, {"A": torch.zeros(4, 2, 3), "y": torch.full((4, 2), float("nan"))},
                   event_shape=(3,))
+    with pytest.raises(ValueError, match=r"data\['y'\] contains infinite values"):
+        fit_prior(model, {"A": torch.zeros(4, 2, 3), "y": torch.full((4, 2), float("inf"))},
+                  event_shape=(3,))
     with pytest.raises(ValueError, match=r"data\['y'\] must be a tensor"):
         fit_prior(model, {"A": torch.zeros(4, 2, 3), "y": [1.0, 2.0]}, event_shape=(3,))
+    with pytest.raises(ValueError, match="N = 0"):
+        fit_prior(model, {"A": torch.zeros(0, 2, 3), "y": torch.zeros(0, 2)}, event_shape=(3,))
     with pytest.raises(ValueError, match="non-empty dict"):
         fit_prior(model, {}, event_shape=(3,))
 
@@ -227,3 +232,24 @@ def test_masked_projections_give_the_gaussian_rounds_of_the_unmasked_ones():
     assert len(fits) == 2
     torch.testing.assert_close(fits[0].mean, fits[1].mean)
     torch.testing.assert_close(fits[0].cov, fits[1].cov)
+
+
+def test_pure_denoising_model_with_one_data_row_per_field():
+    # y = f + N(0, 0.5^2) with y of shape (N, d): the model's observed site has the field's
+    # shape, not the data's, until the field carries the particle dim; the Gaussian rounds
+    # must reach the maximum-likelihood Gaussian, whose covariance is cov(y) - 0.25 I.
+    mean, cov, _ = gaussian_projections()
+    gen = torch.Generator().manual_seed(5)
+    x = mean + torch.randn(4000, 4, generator=gen) @ torch.linalg.cholesky(cov).T
+    y = x + 0.5 * torch.randn(4000, 4, generator=gen)
+
+    def model(prior, y):
+        f = pyro.sample("f", prior)
+        pyro.sample("y", dist.Normal(f, 0.5).to_event(1), obs=y)
+
+    seen = []
+    fit_prior(model, {"y": y}, event_shape=(4,), laps=0, progress=False, seed=0,
+              gaussian_rounds=60, callback=lambda lap, prior, m: seen.append(prior.denoiser))
+    torch.testing.assert_close(seen[0].mean, y.mean(0), atol=1e-3, rtol=0)
+    ml_cov = torch.cov(y.T, correction=0) - 0.25 * torch.eye(4)
+    torch.testing.assert_close(seen[0].cov, ml_cov, atol=2e-3, rtol=0)

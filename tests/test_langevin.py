@@ -181,6 +181,35 @@ def test_laplace_start_is_the_mode_and_curvature_of_the_blurred_posterior():
     assert run.mode_shift < 1e-3 and torch.allclose(run.mode.double(), f, atol=2e-4)
 
 
+def test_binomial_curvature_at_a_logit_of_exactly_zero():
+    # A zero-mean prior and y = n / 2: the Laplace mode sits at logit 0, where autograd's
+    # second derivative of torch's Binomial log-density (written with |logit|) is 0; the true
+    # curvature there is n / 4. The start's covariance and the draws must see it.
+    mean = torch.zeros(2, dtype=F64)
+    cov = torch.tensor([[0.8, 0.5], [0.5, 1.0]], dtype=F64)
+    prior = DiffusionPrior(GaussianDenoiser(mean, cov), (2,))
+    total = torch.tensor([100.0, 40.0], dtype=F64)
+    y = total / 2
+
+    def model(prior, y):
+        f = pyro.sample("f", prior)
+        with pyro.plate("areas", 2):
+            pyro.sample("y", dist.Binomial(total, logits=f), obs=y)
+
+    run = DiffusionLangevin(model, num_samples=2000, rho_min=0.03, batch_size=1000, seed=1,
+                            progress=False).run(prior, y)
+    _, k = run._laplace_state
+    prec = torch.linalg.inv(cov + 0.03 ** 2 * torch.eye(2, dtype=F64))
+    torch.testing.assert_close(k.double() @ k.double().T,
+                               torch.linalg.inv(prec + torch.diag(total / 4)), rtol=1e-3,
+                               atol=1e-6)
+    post_mean, post_sd = _quadrature_2d(
+        mean, cov, lambda f: dist.Binomial(total, logits=f).log_prob(y).sum(-1))
+    f = run.get_samples()["f"]
+    assert ((f.mean(0) - post_mean) / post_sd).abs().max() < 0.08
+    assert (f.std(0) / post_sd - 1).abs().max() < 0.06
+
+
 @pytest.mark.parametrize("preconditioner,num_steps", [("diagonal", 200), ("gaussian", 200),
                                                      ("gaussian", 1)])
 def test_gp_field_matches_the_exact_posterior(preconditioner, num_steps):
