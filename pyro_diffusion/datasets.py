@@ -1027,8 +1027,9 @@ class TokyoMortalityData:
     Returned by :func:`load_tokyo_mortality`. Municipalities are in the order of the file's
     ``IDnum0`` (0 to 261, the ``AreaID`` of the bundled ``tokyomet262`` shapefile).
 
-    :ivar tuple names: municipality names, romanised (``names[0] == "Tsuchiura-shi"``).
-    :ivar tuple codes: municipality codes (``GEOCODE``, strings such as ``"08203"``).
+    :ivar tuple names: municipality names, romanised (``names[0] == "Tsuchiura-shi"``); not
+        unique (two towns are ``"Ina-machi"``), so label ArviZ coordinates with :attr:`codes`.
+    :ivar tuple codes: municipality codes (``GEOCODE``, strings such as ``"08203"``), unique.
     :ivar torch.Tensor observed: observed deaths, float64 ``(262,)`` (``db2564``; total 46163).
     :ivar torch.Tensor expected: expected deaths, float64 ``(262,)`` (``eb2564``, as
         distributed; total 48257.455, so the overall SMR is 0.957: these are not internally

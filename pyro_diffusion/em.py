@@ -424,9 +424,10 @@ class _EMRun:
         try:
             ck = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
+            first = (str(e).splitlines() or ["empty or truncated file"])[0][:200]
             raise ValueError(f"{path} is not a readable fit_prior checkpoint "
-                             f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); delete "
-                             "it or pass resume=False") from e
+                             f"({type(e).__name__}: {first}); delete it or pass "
+                             "resume=False") from e
         if not isinstance(ck, dict) or ck.get("format") != _FORMAT:
             raise ValueError(f"{path} is not a fit_prior checkpoint; delete it or pass "
                              "resume=False")

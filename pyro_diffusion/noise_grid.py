@@ -9,6 +9,15 @@ import math
 import torch
 
 
+def check_num_steps(num_steps, minimum=1):
+    """``num_steps`` as an int, or ``None`` (the prior's); a clear error for anything else."""
+    if num_steps is None:
+        return None
+    if isinstance(num_steps, bool) or int(num_steps) != num_steps or num_steps < minimum:
+        raise ValueError(f"num_steps must be None or an integer >= {minimum}, got {num_steps!r}")
+    return int(num_steps)
+
+
 def noise_grid(num_steps, sigma_min, sigma_max, rho=7.0, *, dtype=None, device=None):
     r"""Decreasing noise levels :math:`\sigma_0 > \dots > \sigma_{N-1}` followed by :math:`0`.
 

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from .guidance import resolve_guidance
 from .inference_data import split_chains, to_inference_data
 from .likelihood import ModelLikelihood
-from .noise_grid import noise_grid
+from .noise_grid import check_num_steps, noise_grid
 from .samplers import check_sampler, reverse_sample
 from .seeding import seeded
 
@@ -119,7 +119,7 @@ class DiffusionPosterior(BatchPosterior):
         self.model = model
         self.guidance = guidance
         self.num_samples = int(num_samples)
-        self.num_steps = num_steps
+        self.num_steps = check_num_steps(num_steps)
         self.batch_size = int(batch_size)
         self._check_sizes()
         self.device = device
@@ -129,7 +129,7 @@ class DiffusionPosterior(BatchPosterior):
     def _prepare(self, lik, prior):
         self.guidance_used = resolve_guidance(self.guidance, lik)
         self._denoise = self.guidance_used.posterior_denoiser(lik, prior)
-        num_steps = self.num_steps or prior.num_steps
+        num_steps = prior.num_steps if self.num_steps is None else self.num_steps
         self._sigmas = noise_grid(num_steps, prior.sigma_min, prior.sigma_max, prior.rho,
                                   dtype=prior.dtype, device=prior.device)
 

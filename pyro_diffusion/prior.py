@@ -88,6 +88,10 @@ class DiffusionPrior(TorchDistribution):
         if len(event_shape) == 0 or any(n < 1 for n in event_shape):
             raise ValueError(f"event_shape must be non-empty and positive, "
                              f"got {tuple(event_shape)}")
+        own = getattr(denoiser, "event_shape", None)
+        if own is not None and math.prod(own) != math.prod(event_shape):
+            raise ValueError(f"event_shape {tuple(event_shape)} does not match the denoiser's "
+                             f"event shape {tuple(own)}")
         self.denoiser = denoiser
         scale = _as_float(getattr(denoiser, "data_std", 1.0), "denoiser.data_std")
         self.sigma_min = _as_float(0.002 * scale if sigma_min is None else sigma_min, "sigma_min")
@@ -339,8 +343,9 @@ class DiffusionPrior(TorchDistribution):
         except FileNotFoundError:
             raise
         except Exception as e:
+            first = (str(e).splitlines() or ["empty or truncated file"])[0][:200]
             raise ValueError(f"{path} is not a readable pyro-diffusion checkpoint "
-                             f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+                             f"({type(e).__name__}: {first})") from e
         if not isinstance(checkpoint, dict) or checkpoint.get("format") != _FORMAT:
             raise ValueError(f"{path} is not a DiffusionPrior checkpoint")
         version = checkpoint.get("format_version")
@@ -354,8 +359,12 @@ class DiffusionPrior(TorchDistribution):
             denoiser = module_from_dict(checkpoint["denoiser"])
             saved = dict(checkpoint["settings"])
             event_shape = checkpoint["event_shape"]
-        except (KeyError, TypeError, RuntimeError) as e:
+        except (KeyError, TypeError, RuntimeError, AttributeError) as e:
             raise ValueError(f"{path} is a corrupt DiffusionPrior checkpoint: {e}") from e
+        for name, tensor in list(denoiser.named_parameters()) + list(denoiser.named_buffers()):
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise ValueError(f"{path} is a corrupt DiffusionPrior checkpoint: the "
+                                 f"denoiser's {name!r} holds NaN or infinite values")
         if "sampler" in settings and "eta" not in settings:
             saved["eta"] = None
         saved.update(settings)

@@ -48,7 +48,7 @@ from .guidance import (
 )
 from .inference_data import to_inference_data
 from .likelihood import ModelLikelihood
-from .noise_grid import noise_grid
+from .noise_grid import check_num_steps, noise_grid
 from .seeding import seeded
 
 #: Largest number of Gaussian observations for which ``guidance="auto"`` twists with MMPS
@@ -273,7 +273,9 @@ class DiffusionSMC:
         :class:`~pyro_diffusion.Guidance`. ``DPS(zeta=None)`` gives the plain
         :math:`p(y \mid D)` twist.
     :param int num_particles: particles; the error falls as they grow.
-    :param int num_steps: noise levels (default: the prior's); ``num_steps - 1`` moves.
+    :param int num_steps: noise levels (default: the prior's); ``num_steps - 1`` moves (one
+        level is importance sampling of the latent at :math:`\sigma_{\max}`, not of
+        :math:`x_0`).
     :param float ess_threshold: resample when the effective sample size falls below this
         fraction of the particles (default 0.5).
     :param int batch_size: particles per denoiser call (bounds memory; default 4096).
@@ -286,8 +288,10 @@ class DiffusionSMC:
     The particles target the posterior under the prior of the discretised chain (the unguided
     ancestral sampler on ``num_steps`` noise levels, down to :math:`\sigma_{\min}`), so as
     particles grow the estimates converge to that chain's posterior and evidence; their
-    distance to the continuous model's shrinks with ``num_steps`` (about 0.07 nats at 64 steps
-    on a Gaussian test problem).
+    distance to the continuous model's shrinks with ``num_steps``. How fast depends on the
+    prior (0.07 nats at 64 steps on a Gaussian test problem; more for rougher fields): when
+    comparing models by their evidence, check that it is stable between two step counts (64
+    and 256, say) and use the same ``num_steps`` for every model.
 
     After :meth:`run`: :attr:`log_evidence` (estimate of :math:`\log p(y)`, unbiased on the
     exponential scale), :attr:`ess_history` (ESS after each step's reweighting, before any
@@ -304,7 +308,7 @@ class DiffusionSMC:
         if not 0.0 < float(ess_threshold) <= 1.0:
             raise ValueError(f"ess_threshold must be in (0, 1], got {ess_threshold}")
         self.ess_threshold = float(ess_threshold)
-        self.num_steps = num_steps
+        self.num_steps = check_num_steps(num_steps)
         self.batch_size = int(batch_size)
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -319,7 +323,7 @@ class DiffusionSMC:
         prior = lik.prior
         guidance = resolve_twist(self.guidance, lik)
         guidance.check(lik)
-        num_steps = self.num_steps or prior.num_steps
+        num_steps = prior.num_steps if self.num_steps is None else self.num_steps
         sigmas = noise_grid(num_steps, prior.sigma_min, prior.sigma_max, prior.rho,
                             dtype=prior.dtype, device=prior.device)[:-1]
         run = _Run(lik, guidance, sigmas, self.batch_size)

@@ -630,6 +630,7 @@ def test_nc_sids_rook_graph_is_the_bundled_gal():
 def test_tokyo_mortality(tokyo):
     assert tokyo.num_regions == 262 and len(tokyo.codes) == 262
     assert tokyo.names[0] == "Tsuchiura-shi" and tokyo.codes[0] == "08203"
+    assert len(set(tokyo.codes)) == 262 and tokyo.names.count("Ina-machi") == 2
     for t in (tokyo.observed, tokyo.expected):
         assert t.dtype == torch.float64 and t.shape == (262,)
     assert tokyo.observed.sum().item() == 46163.0

@@ -184,6 +184,9 @@ def test_to_inference_data_and_errors():
             prior, torch.ones(5, dtype=F64), y)
     with pytest.raises(ValueError, match="sampler"):
         DiffusionPosterior(poisson_model, sampler="euler")
+    for steps in (0, -3, 2.7, "8"):
+        with pytest.raises((ValueError, TypeError), match="num_steps must be None or an integer"):
+            DiffusionPosterior(poisson_model, num_steps=steps)
     with pytest.raises(ValueError, match="non-negative count"):
         DiffusionPosterior(poisson_model, progress=False).run(prior, torch.ones(5, dtype=F64),
                                                               -y)

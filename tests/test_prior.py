@@ -148,6 +148,28 @@ def test_checkpoint_errors(tmp_path):
     with pytest.raises(ValueError, match="not a readable"):
         DiffusionPrior.load(truncated)
 
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match="not a readable.*empty or truncated"):
+        DiffusionPrior.load(empty)
+
+    ckpt = torch.load(good, weights_only=True)
+    broken = dict(ckpt, denoiser="not a dict")
+    torch.save(broken, tmp_path / "broken.pt")
+    with pytest.raises(ValueError, match="corrupt DiffusionPrior checkpoint"):
+        DiffusionPrior.load(tmp_path / "broken.pt")
+
+    name = next(k for k, v in ckpt["denoiser"]["state"].items() if v.is_floating_point())
+    nan = torch.load(good, weights_only=True)
+    nan["denoiser"]["state"][name] = torch.full_like(nan["denoiser"]["state"][name], float("nan"))
+    torch.save(nan, tmp_path / "nan.pt")
+    with pytest.raises(ValueError, match=f"'{name}' holds NaN"):
+        DiffusionPrior.load(tmp_path / "nan.pt")
+
+    torch.save(dict(ckpt, event_shape=[7]), tmp_path / "shape.pt")
+    with pytest.raises(ValueError, match="event_shape \\(7,\\) does not match the denoiser's"):
+        DiffusionPrior.load(tmp_path / "shape.pt")
+
     ckpt = torch.load(good, weights_only=True)
     ckpt["format_version"] = CHECKPOINT_FORMAT_VERSION + 1
     newer = tmp_path / "newer.pt"

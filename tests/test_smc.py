@@ -286,6 +286,10 @@ def test_inference_data_and_errors():
         DiffusionSMC(linear_model(A, noise), num_particles=0)
     with pytest.raises(ValueError, match="ess_threshold"):
         DiffusionSMC(linear_model(A, noise), ess_threshold=0.0)
+    for steps in (0, 2.5):
+        with pytest.raises(ValueError, match=f"num_steps must be None or an integer >= 1, "
+                                             f"got {steps}"):
+            DiffusionSMC(linear_model(A, noise), num_steps=steps)
     with pytest.raises(ValueError, match="num_samples"):
         smc.get_samples(0)
 
