@@ -23,6 +23,7 @@ References:
 """
 
 import math
+import warnings
 
 import torch
 
@@ -515,7 +516,7 @@ def resolve_guidance(guidance, lik):
 
     ``"auto"`` picks :class:`MMPS` when every observed site is Gaussian, the
     :class:`EvidenceTrick` when they are Poisson, Binomial, Bernoulli (or Gaussian), and
-    :class:`DPS` otherwise.
+    :class:`DPS` otherwise, with a warning.
     """
     if isinstance(guidance, Guidance):
         return guidance
@@ -530,4 +531,10 @@ def resolve_guidance(guidance, lik):
         return MMPS()
     if kinds <= set(EvidenceTrick.kinds):
         return EvidenceTrick()
+    other = ", ".join(sorted(kinds - set(EvidenceTrick.kinds)))
+    warnings.warn(f"guidance='auto': no moment-matched guidance for {other} observations, so "
+                  "DPS is used, whose posteriors tend to be too narrow; DiffusionLangevin "
+                  "(the exact likelihood) or DiffusionSMC (reweighted to it) are the "
+                  "alternatives to check it against. Pass guidance='dps' to silence this",
+                  stacklevel=3)
     return DPS()

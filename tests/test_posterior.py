@@ -1,5 +1,7 @@
 """Guided posterior sampling against closed forms and long importance-sampling references."""
 
+import warnings
+
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -675,3 +677,20 @@ def test_masked_poisson_posterior_matches_the_model_without_the_masked_areas():
                             (_subset_model("poisson"), y)]]
     torch.testing.assert_close(runs[0], runs[2])
     torch.testing.assert_close(runs[1], runs[2])
+
+
+def test_auto_guidance_warns_when_it_falls_back_to_dps():
+    prior, _ = _gp_prior(4, num_steps=8)
+
+    def robust(prior, y):
+        f = pyro.sample("f", prior)
+        pyro.sample("y", dist.StudentT(3.0, f, 0.5).to_event(1), obs=y)
+
+    y = torch.tensor([0.1, -0.4, 0.3, 2.0], dtype=F64)
+    with pytest.warns(UserWarning, match="no moment-matched guidance for StudentT.*DPS"):
+        post = DiffusionPosterior(robust, num_samples=8, seed=0, progress=False).run(prior, y)
+    assert isinstance(post.guidance_used, DPS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        DiffusionPosterior(robust, guidance="dps", num_samples=8, seed=0,
+                           progress=False).run(prior, y)
