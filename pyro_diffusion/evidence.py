@@ -363,7 +363,9 @@ def poisson_log_evidence(y, log_rate_mean, log_rate_var, match="moments", *, val
     :param y: observed counts (non-negative integers).
     :param log_rate_mean: mean :math:`m` of the log rate (exposure included).
     :param log_rate_var: variance :math:`v \ge 0` of the log rate; ``0`` gives the Poisson
-        log-likelihood at rate :math:`e^m`.
+        log-likelihood at rate :math:`e^m`. With ``match="moments"`` a variance beyond
+        :math:`-\log` of the dtype's smallest normal number, minus 1 (86 in float32), is taken
+        as that bound: the matched Gamma's shape :math:`1/(e^v - 1)` would underflow.
     :param str match: ``"moments"`` or ``"log"``.
     :param bool validate: check the inputs (the default). Samplers pass ``False`` in their
         loops: they check the counts once, when the model is read, and each check reads
@@ -379,12 +381,15 @@ def poisson_log_evidence(y, log_rate_mean, log_rate_var, match="moments", *, val
     y, m, v = _as_float_tensors(y, log_rate_mean, log_rate_var)
     if validate:
         _check_mean_var(m, v, "log_rate_mean", "log_rate_var")
-    v = v.clamp(min=_VAR_FLOOR)
     if match == "moments":
+        # The matched Gamma's shape is 1 / expm1(v): keep it above the dtype's smallest normal
+        # number (v at most 86 in float32, 707 in float64), where the evidence is flat in m.
+        v = v.clamp(min=_VAR_FLOOR, max=-math.log(torch.finfo(v.dtype).tiny) - 1.0)
         log_alpha = -_logexpm1(v)
         alpha = torch.exp(log_alpha)
         log_mean = m + 0.5 * v
     else:
+        v = v.clamp(min=_VAR_FLOOR)
         alpha, log_alpha = _inverse_trigamma(v)
         log_mean = m + _log_minus_digamma(alpha)
     return _negative_binomial_log_prob(y, alpha, log_alpha, log_mean)

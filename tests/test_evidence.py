@@ -549,3 +549,20 @@ def test_validate_false_skips_only_the_checks():
     with pytest.raises(ValueError, match="non-negative"):
         poisson_log_evidence(-y - 1, m, v)
     poisson_log_evidence(-y - 1, m, v, validate=False)  # unchecked, as documented
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_poisson_evidence_stays_finite_for_huge_log_rate_variances(dtype):
+    # exp(-v) underflows past v = -log(tiny): the matched Gamma's shape is held at the last
+    # representable one, where the evidence no longer depends on the mean.
+    y = torch.tensor([0.0, 3.0, 100.0], dtype=dtype)
+    ceiling = -math.log(torch.finfo(dtype).tiny) - 1.0
+    m = torch.zeros(3, dtype=dtype, requires_grad=True)
+    values = [poisson_log_evidence(y, m, torch.full((3,), v, dtype=dtype))
+              for v in (ceiling - 10.0, ceiling, 2 * ceiling, 1e6)]
+    assert all(bool(torch.isfinite(v).all()) for v in values)
+    torch.testing.assert_close(values[2], values[1])
+    torch.testing.assert_close(values[3], values[1])
+    assert (values[1][1:] < values[0][1:]).all()
+    (grad,) = torch.autograd.grad(values[3].sum(), m)
+    assert torch.isfinite(grad).all() and grad.abs().max() < 1e-3
