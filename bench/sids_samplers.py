@@ -7,11 +7,14 @@ steps), 1000 draws each in 4 batches. Prints ``compare_posteriors``'s summary ro
 
     .venv/bin/python bench/sids_samplers.py --threads 1
     .venv/bin/python bench/sids_samplers.py --threads 1 --prior /tmp/skip.pt --langevin-steps 50
+    .venv/bin/python bench/sids_samplers.py --threads 1 --langevin-steps --guided-samplers \
+        ancestral ddim heun --guided-steps 64 200
 
 ``--prior`` takes another prior over the 100 counties (e.g. one trained by
 ``scripts/train_nc_sids_prior.py --gaussian-skip``); ``--langevin-steps`` the
 ``DiffusionLangevin`` step counts (its preconditioner is chosen from the prior: Gaussian with
-a Gaussian skip, else diagonal).
+a Gaussian skip, else diagonal); ``--guided-samplers`` and ``--guided-steps`` the reverse
+samplers and step counts of the guided rows.
 """
 
 import argparse
@@ -29,8 +32,12 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--prior", default=None, help="a saved prior (default: the shipped one)")
-    parser.add_argument("--langevin-steps", type=int, nargs="+", default=[100, 200])
+    parser.add_argument("--langevin-steps", type=int, nargs="*", default=[100, 200])
     parser.add_argument("--skip-guided", action="store_true")
+    parser.add_argument("--guided-samplers", nargs="+", default=["ancestral"],
+                        choices=["ancestral", "ddim", "heun"],
+                        help="reverse samplers of the guided evidence-trick rows")
+    parser.add_argument("--guided-steps", type=int, nargs="+", default=[200])
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     sids = load_nc_sids()
@@ -44,11 +51,13 @@ def main(argv=None):
         results[f"DiffusionLangevin {steps}"] = DiffusionLangevin(
             diffusion_model, 1000, steps, batch_size=250, seed=0, progress=False,
         ).run(prior, expected, y)
-    if not args.skip_guided:
-        results["evidence trick 200"] = DiffusionPosterior(
-            diffusion_model, num_samples=1000, num_steps=200, batch_size=250, seed=0,
-            progress=False,
-        ).run(prior, expected, y)
+    for sampler in [] if args.skip_guided else args.guided_samplers:
+        for steps in args.guided_steps:
+            label = f"evidence trick {steps}" + ("" if sampler == "ancestral" else f" {sampler}")
+            results[label] = DiffusionPosterior(
+                diffusion_model, num_samples=1000, num_steps=steps, batch_size=250, seed=0,
+                sampler=sampler, progress=False,
+            ).run(prior, expected, y)
     table = compare_posteriors(results, var_names=["f"], reference="NUTS (CAR prior)")
     columns = ["method", "abs_smd", "max_abs_smd", "sd_ratio", "coverage", "ess_bulk",
                "wall_time", "ess_per_second"]

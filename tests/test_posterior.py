@@ -694,3 +694,33 @@ def test_auto_guidance_warns_when_it_falls_back_to_dps():
         warnings.simplefilter("error")
         DiffusionPosterior(robust, guidance="dps", num_samples=8, seed=0,
                            progress=False).run(prior, y)
+
+
+@pytest.mark.parametrize("sampler,eta", [("heun", None), ("ddim", 0.0), ("ddim", 0.5)])
+def test_deterministic_samplers_warn_with_a_learned_denoiser(sampler, eta):
+    prior, _ = _gp_prior(4, num_steps=8)
+
+    class Learned(torch.nn.Module):  # any denoiser that is not one of the exact ones
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("anchor", torch.zeros(1, dtype=F64))  # its dtype
+
+        def forward(self, x, sigma):
+            return prior.denoiser(x, sigma)
+
+    learned = DiffusionPrior(Learned(), (4,), sigma_max=prior.sigma_max, num_steps=8)
+    y = torch.tensor([0.1, -0.4, 0.3, 2.0], dtype=F64)
+    A = torch.eye(4, dtype=F64)
+
+    def run(p):
+        return DiffusionPosterior(linear_gaussian, sampler=sampler, eta=eta, num_samples=4,
+                                  seed=0, progress=False).run(p, A, y, 0.5)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run(prior)  # exact: no warning
+        if eta:  # stochastic DDIM: no warning either
+            run(learned)
+            return
+    with pytest.warns(UserWarning, match="use sampler='ancestral' with a learned prior"):
+        run(learned)
