@@ -45,7 +45,7 @@ from .preconditioning import EDMDenoiser, use_gaussian_skip
 from .prior import DiffusionPrior
 from .seeding import forked, manual_seed
 from .serialization import module_from_dict, module_to_dict
-from .training import train_denoiser
+from .training import check_positive_int, train_denoiser
 
 __all__ = ["fit_prior"]
 
@@ -219,6 +219,8 @@ def fit_prior(model, data, *, event_shape, laps=8, prior=None, guidance="auto",
     event_shape = tuple(int(s) for s in event_shape)
     if int(laps) < 0 or int(samples_per_observation) < 1 or int(e_batch_size) < 1:
         raise ValueError("laps must be >= 0, samples_per_observation and e_batch_size >= 1")
+    train_steps = check_positive_int(train_steps, "train_steps")
+    batch_size = check_positive_int(batch_size, "batch_size")
     device = torch.device(device) if device is not None else next(iter(data.values())).device
     settings = _Settings(
         event_shape=list(event_shape), guidance=repr(guidance) if not isinstance(

@@ -166,9 +166,15 @@ class EDMDenoiser(nn.Module):
         samples = samples.reshape((samples.shape[0],) + self.event_shape)
         mean = samples.mean(0)
         centred = samples - mean
-        std = centred.square().mean().sqrt().item()
+        # Scaled by the largest deviation first: squares of 1e-30 or 1e20 leave float32.
+        largest = centred.abs().max()
+        std = (largest * (centred / largest).square().mean().sqrt()).item() if largest > 0 else 0.0
         if not std > 0:
             raise ValueError("the training samples are all identical: nothing to learn")
+        if not math.isfinite(std):
+            raise ValueError(f"the training samples' spread is not finite in {samples.dtype} "
+                             f"(largest deviation from the mean {largest.item():.3g}); rescale "
+                             "them")
         self.mean.copy_(mean.to(self.mean.dtype))
         self.std = std
         if self.gaussian_skip:

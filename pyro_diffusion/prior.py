@@ -104,12 +104,19 @@ class DiffusionPrior(TorchDistribution):
             raise ValueError(f"num_steps must be at least 1, got {num_steps}")
         self.sampler, self.eta = check_sampler(sampler, eta)
         self.rho = float(rho)
+        if not (math.isfinite(self.rho) and self.rho > 0):
+            raise ValueError(f"rho must be positive and finite, got {rho}")
         self.chunk_size = int(chunk_size)
         if self.chunk_size < 1:
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
         self.progress = bool(progress)
         self.training_history = None
         super().__init__(torch.Size(batch_shape), event_shape, validate_args=validate_args)
+        dtype = self.dtype
+        if dtype.is_floating_point and self.sigma_max ** 2 * 16 > torch.finfo(dtype).max:
+            raise ValueError(f"sigma_max={self.sigma_max:.3g}: its square leaves {dtype}'s "
+                             "range and sampling would give NaN; rescale the data (or pass "
+                             "a smaller sigma_max)")
 
     # ----- Distribution interface -------------------------------------------------------------
     @property
@@ -295,6 +302,7 @@ class DiffusionPrior(TorchDistribution):
             denoiser = EDMDenoiser.from_samples(network, samples,
                                                 gaussian_skip=gaussian_skip,
                                                 progress=progress).to(device)
+            cls(denoiser, samples.shape[1:], **prior_settings)  # settings' errors before training
             ema, history = train_denoiser(denoiser, samples, steps=steps, batch_size=batch_size,
                                           lr=lr, weight_decay=weight_decay, ema_decay=ema_decay,
                                           validation_samples=val, progress=progress)

@@ -19,6 +19,7 @@ References:
 
 import copy
 import math
+import numbers
 import time
 import warnings
 
@@ -95,6 +96,14 @@ class _EMA:
             ema_b.copy_(b)
 
 
+def check_positive_int(value, name):
+    """``value`` as an int if it is a positive integer; a ``ValueError`` naming it otherwise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        if not (isinstance(value, float) and value.is_integer() and value >= 1):
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
 def train_denoiser(denoiser, samples, *, steps=2000, batch_size=256, lr=2e-3, weight_decay=0.0,
                    ema_decay=0.999, warmup_steps=100, validation_samples=None, eval_every=None,
                    progress=True, desc="training"):
@@ -114,6 +123,12 @@ def train_denoiser(denoiser, samples, *, steps=2000, batch_size=256, lr=2e-3, we
         ``"val_loss"`` records as ``(step, loss)``, ``"seconds"`` and ``"interrupted"``.
         A keyboard interrupt stops training early and keeps what was learned so far.
     """
+    steps = check_positive_int(steps, "steps")
+    batch_size = check_positive_int(batch_size, "batch_size")
+    if not (math.isfinite(float(lr)) and float(lr) > 0):
+        raise ValueError(f"lr must be positive and finite, got {lr!r}")
+    if not 0.0 <= float(ema_decay) < 1.0:
+        raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay!r}")
     device = denoiser.mean.device
     samples = samples.to(device=device, dtype=denoiser.mean.dtype)
     n = samples.shape[0]

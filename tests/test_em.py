@@ -205,6 +205,11 @@ def test_bad_data_is_refused():
                   event_shape=(3,))
     with pytest.raises(ValueError, match=r"data\['y'\] must be a tensor"):
         fit_prior(model, {"A": torch.zeros(4, 2, 3), "y": [1.0, 2.0]}, event_shape=(3,))
+    good = {"A": torch.zeros(4, 2, 3), "y": torch.zeros(4, 2)}
+    with pytest.raises(ValueError, match="train_steps must be a positive integer, got -3"):
+        fit_prior(model, good, event_shape=(3,), train_steps=-3)
+    with pytest.raises(ValueError, match="batch_size must be a positive integer, got 0"):
+        fit_prior(model, good, event_shape=(3,), batch_size=0)
     with pytest.raises(ValueError, match="N = 0"):
         fit_prior(model, {"A": torch.zeros(0, 2, 3), "y": torch.zeros(0, 2)}, event_shape=(3,))
     with pytest.raises(ValueError, match="non-empty dict"):

@@ -115,6 +115,31 @@ def test_bad_training_samples(samples, match):
         DiffusionPrior.fit(samples, steps=1, progress=False)
 
 
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(steps=0), "steps must be a positive integer, got 0"),
+    (dict(steps=2.5), "steps must be a positive integer, got 2.5"),
+    (dict(batch_size=0), "batch_size must be a positive integer, got 0"),
+    (dict(lr=-1.0), "lr must be positive"),
+    (dict(ema_decay=1.0), "ema_decay must be in"),
+    (dict(rho=float("nan")), "rho must be positive and finite"),
+])
+def test_bad_training_settings(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DiffusionPrior.fit(torch.randn(50, 2), progress=False, **kwargs)
+
+
+def test_fit_at_extreme_data_scales():
+    # The spread of 1e-30-sized draws used to underflow to zero in float32 ("identical");
+    # 1e20-sized draws leave float32's range at sigma_max^2 and are refused before training.
+    x = torch.randn(200, 3, generator=torch.Generator().manual_seed(0))
+    prior = DiffusionPrior.fit(x * 1e-30, steps=5, seed=0, progress=False)
+    assert 0.5e-30 < prior.denoiser.data_std < 2e-30
+    draws = prior.sample((50,))
+    assert torch.isfinite(draws).all() and draws.abs().max() < 1e-28
+    with pytest.raises(ValueError, match="sigma_max=8.*float32's range"):
+        DiffusionPrior.fit(x * 1e20, steps=10**9, progress=False)
+
+
 def test_bad_validation_fraction():
     with pytest.raises(ValueError, match="validation_fraction"):
         DiffusionPrior.fit(torch.randn(50, 2), steps=1, progress=False, validation_fraction=1.0)
