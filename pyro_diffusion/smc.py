@@ -30,6 +30,7 @@ Conditional Sampling in Diffusion Models* (TDS).
 
 import math
 import time
+import warnings
 
 import pyro
 import pyro.distributions as dist
@@ -295,7 +296,9 @@ class DiffusionSMC:
 
     After :meth:`run`: :attr:`log_evidence` (estimate of :math:`\log p(y)`, unbiased on the
     exponential scale), :attr:`ess_history` (ESS after each step's reweighting, before any
-    resampling), :attr:`resampled` (whether each step resampled), :attr:`wall_time`.
+    resampling), :attr:`resampled` (whether each step resampled), :attr:`wall_time`. A run
+    whose ESS falls below 2 or 0.5 % of the particles (the larger) at some step warns: its
+    draws and evidence then rest on a few particles.
     """
 
     def __init__(self, model, guidance="auto", num_particles=1000, num_steps=None,
@@ -344,7 +347,23 @@ class DiffusionSMC:
         self.guidance_used = guidance
         self.likelihood = lik
         self.sigmas = sigmas
+        self._warn_if_degenerate()
         return self
+
+    def _warn_if_degenerate(self):
+        """Warn when the weights collapsed onto a handful of particles at some step."""
+        history = self.ess_history
+        floor = max(2.0, 0.005 * self.num_particles)
+        low = [i for i, ess in enumerate(history) if ess < floor]
+        if low:
+            worst = min(range(len(history)), key=history.__getitem__)
+            warnings.warn(
+                f"DiffusionSMC: the effective sample size fell below {floor:g} of "
+                f"{self.num_particles} particles at {len(low)} of {len(history)} steps (lowest "
+                f"{history[worst]:.1f}, at step {worst}): the draws and the log-evidence rest "
+                "on a few particles. Use more particles or steps, or check that the prior can "
+                "explain the data (a prior far from the data, or very precise observations, "
+                "makes the twist a poor proposal)", stacklevel=2)
 
     def _check_run(self):
         if self._filter is None:

@@ -7,6 +7,7 @@ closed form (Kalman-style), and for count data in two dimensions they follow by 
 """
 
 import math
+import warnings
 
 import pyro
 import pyro.distributions as dist
@@ -321,3 +322,20 @@ def test_log_evidence_is_exact_for_importance_sampling():
     var = 2.0**2 + 1.0 + noise**2
     exact = float(dist.Normal(0.0, math.sqrt(var)).log_prob(y).sum())
     assert abs(smc.log_evidence - exact) < 0.02
+
+
+def test_a_collapsed_run_warns_and_a_healthy_one_does_not():
+    g = GaussianDenoiser(torch.zeros(2, dtype=F64), torch.eye(2, dtype=F64))
+    prior = DiffusionPrior(g, (2,), num_steps=8)
+    A = torch.eye(2, dtype=F64)
+    y = torch.tensor([0.3, -0.2], dtype=F64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        DiffusionSMC(linear_model(A, 1.0), num_particles=256, seed=0, progress=False).run(
+            prior, y)
+    # Data 6 prior sds away, observed with noise 1e-3, through a DPS twist: a poor proposal.
+    with pytest.warns(UserWarning, match="effective sample size fell below 2 of 256"):
+        smc = DiffusionSMC(linear_model(A, 1e-3), guidance=DPS(zeta=None), num_particles=256,
+                           seed=0, progress=False).run(prior, torch.tensor([6.0, -6.0],
+                                                                           dtype=F64))
+    assert min(smc.ess_history) < 2.0
