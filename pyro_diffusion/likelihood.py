@@ -271,9 +271,20 @@ class ModelLikelihood:
             if frame.vectorized:
                 raise ValueError(f"the DiffusionPrior site {diffusion[0]!r} is inside plate "
                                  f"{frame.name!r}; put it outside all plates")
+        prior = _unwrap(site["fn"])
+        if tuple(site["fn"].shape()) != tuple(prior.event_shape):
+            raise ValueError(
+                f"the DiffusionPrior site {diffusion[0]!r} has shape "
+                f"{tuple(site['fn'].shape())}, not the prior's event shape "
+                f"{tuple(prior.event_shape)}: the samplers take one field, so sample the prior "
+                "itself (not expanded or batched); for several fields, train it on the stacked "
+                "event")
         for name in observed:
             obs = trace.nodes[name]
             value, fn = obs["value"], obs["fn"]
+            if not isinstance(value, (torch.Tensor, int, float)):
+                raise ValueError(f"observed site {name!r} holds a {type(value).__name__}; pass "
+                                 "a tensor (torch.as_tensor(...))")
             if isinstance(value, torch.Tensor) and tuple(value.shape) != tuple(fn.shape()):
                 raise ValueError(
                     f"observed site {name!r} has a value of shape {tuple(value.shape)} but the "
@@ -281,13 +292,38 @@ class ModelLikelihood:
                     f"{tuple(fn.batch_shape)}, event {tuple(fn.event_shape)})")
             _check_observation(name, fn, value)
         self.site = diffusion[0]
-        self.prior = _unwrap(site["fn"])
+        self.prior = prior
         if device is not None:
             self.prior.to(device)
         self.observed_sites = observed
         self.deterministic_sites = deterministic
         #: Plate dims the model uses (for callers that add their own plates to the left).
         self.max_plate_nesting = max_dim
+        if num_particles is None:
+            self._check_broadcasting(trace)
+
+    def _check_broadcasting(self, trace, n=2):
+        """Trace the model with a batch of ``n`` fields: each observed site must gain that
+        leading dim (or not depend on the field), as the samplers' batches need."""
+        x = torch.zeros((n,) + tuple(self.event_shape), dtype=self.prior.dtype,
+                        device=self.prior.device)
+        hint = (f"the samplers give the DiffusionPrior site {self.site!r} a batch of fields, "
+                f"shape (batch, *event_shape); the model must broadcast over that leading dim: "
+                "index the field as f[..., idx] (not f[idx]) and reduce over its last dims "
+                "(f.sum(-1), not f.sum())")
+        try:
+            with torch.no_grad():
+                batched = self.trace(x)
+        except Exception as e:
+            first = (str(e).splitlines() or [""])[0]
+            raise ValueError(f"the model fails with a batch of {n} fields "
+                             f"({type(e).__name__}: {first}); {hint}") from e
+        for name in self.observed_sites:
+            single = tuple(trace.nodes[name]["fn"].shape())
+            shape = tuple(batched.nodes[name]["fn"].shape())
+            if shape not in (single, (n,) + single):
+                raise ValueError(f"observed site {name!r} has shape {shape} for a batch of {n} "
+                                 f"fields and {single} for one; {hint}")
 
     @property
     def event_shape(self):

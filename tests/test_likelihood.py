@@ -135,6 +135,22 @@ def _obs_mask(prior):
                 obs_mask=torch.tensor([True, False, True, True]))
 
 
+def _indexed_without_ellipsis(prior):
+    f = pyro.sample("f", prior)
+    pyro.sample("y", dist.Normal(f[torch.tensor([3, 2, 1, 0])], 1.0).to_event(1),
+                obs=torch.zeros(D))
+
+
+def _expanded(prior):
+    f = pyro.sample("f", prior.expand([3]).to_event(1))
+    pyro.sample("y", dist.Normal(f, 1.0).to_event(2), obs=torch.zeros(3, D))
+
+
+def _list_observation(prior):
+    f = pyro.sample("f", prior)
+    pyro.sample("y", dist.Normal(f[..., 0], 1.0), obs=[0.5])
+
+
 def _in_plate(prior):
     with pyro.plate("rep", 2):
         f = pyro.sample("f", prior)
@@ -162,6 +178,10 @@ def _counts(kind, y, n=None):
     (_extra_latent, "'noise_scale' are not DiffusionPrior sites.*train the diffusion prior"),
     (_obs_mask, "'y_unobserved' come from pyro.sample\\(..., obs_mask=...\\).*poutine.mask"),
     (_in_plate, "inside plate 'rep'"),
+    (_indexed_without_ellipsis,
+     "fails with a batch of 2 fields \\(IndexError.*f\\[\\.\\.\\., idx\\]"),
+    (_expanded, "'f' has shape \\(3, 4\\), not the prior's event shape \\(4,\\)"),
+    (_list_observation, "'y' holds a list; pass a tensor"),
     (_counts("poisson", torch.tensor([1.0, -2.0])),
      "'y' \\(Poisson\\): y must be a non-negative count, got y=-2 at index \\(1,\\)"),
     (_counts("poisson", torch.tensor([1.0, 2.5])), "integer-valued count, got y=2.5"),
