@@ -274,7 +274,7 @@ class DiffusionLangevin(BatchPosterior):
         left means 0.18 posterior sds off and sds 7 % too wide with the exact prior, 0.09 and
         3 % with it (``bench/vs_nuts.py`` run 16). 0 keeps the Gaussian part's mode.
     :param int batch_size: draws per batch; each batch is independent and becomes one ArviZ
-        chain.
+        chain (a single batch is split into up to 4 chains of its independent draws).
     :param device: where to sample (default: the prior's device). The prior (in place) and
         the model's tensor arguments are moved there
         (:class:`~pyro_diffusion.likelihood.ModelLikelihood`).

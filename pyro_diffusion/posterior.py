@@ -22,6 +22,16 @@ from .samplers import check_sampler, reverse_sample
 from .seeding import seeded
 
 
+def _chain_count(sizes):
+    """ArviZ chains for batches of ``sizes`` draws: one per batch when there are several of one
+    size; else (one batch, or a short last one) the draws, all independent, in the most of 4,
+    3 or 2 equal blocks of at least 4 draws (1 if none fits), so that R-hat is defined."""
+    if len(sizes) > 1 and len(set(sizes)) == 1:
+        return len(sizes)
+    total = sum(sizes)
+    return next((k for k in (4, 3, 2) if total % k == 0 and total // k >= 4), 1)
+
+
 class BatchPosterior:
     """Shared machinery of samplers that draw independent batches of posterior samples.
 
@@ -29,7 +39,8 @@ class BatchPosterior:
     implements ``_prepare(lik, prior)`` (called once per run) and
     ``_sample_batch(lik, prior, size, desc)``, which returns ``size`` draws of the latent.
     :meth:`run` seeds, splits the draws into batches, adds the model's deterministic sites
-    and records ``wall_time``; each batch becomes one ArviZ chain.
+    and records ``wall_time``; each batch becomes one ArviZ chain (one batch, or batches of
+    unequal sizes: equal blocks of the draws, see :meth:`get_samples`).
     """
 
     _samples = _num_chains = wall_time = None
@@ -68,14 +79,14 @@ class BatchPosterior:
             torch.cuda.synchronize(x.device)
         self.wall_time = time.perf_counter() - start
         self._samples = samples
-        full = [s for s in sizes if s == sizes[0]]
-        self._num_chains = len(full) if len(full) == len(sizes) else 1
+        self._num_chains = _chain_count(sizes)
         self.likelihood = lik
         return self
 
     def get_samples(self, group_by_chain=False):
         """Posterior draws as a dict ``{site: (num_samples, ...)}`` (or
-        ``(num_chains, draws, ...)`` with ``group_by_chain=True``, one chain per batch)."""
+        ``(num_chains, draws, ...)`` with ``group_by_chain=True``: one chain per batch when
+        there are several batches of one size, else equal blocks of the independent draws)."""
         if self._samples is None:
             raise RuntimeError("call .run(...) first")
         if group_by_chain:
@@ -83,7 +94,8 @@ class BatchPosterior:
         return dict(self._samples)
 
     def to_inference_data(self, dims=None, coords=None):
-        """ArviZ inference data with the independent batches as chains."""
+        """ArviZ inference data with the independent batches as chains (see
+        :meth:`get_samples`)."""
         return to_inference_data(self.get_samples(group_by_chain=True), dims=dims,
                                  coords=coords)
 
@@ -111,7 +123,7 @@ class DiffusionPosterior(BatchPosterior):
         1.5 % at 64 steps, 3 % at 32). Heun costs two evaluations a step.
     :param float eta: DDIM stochasticity.
     :param int batch_size: draws per batch; each batch is independent and becomes one ArviZ
-        chain.
+        chain (a single batch is split into up to 4 chains of its independent draws).
     :param device: where to sample (default: the prior's device). The prior (in place) and
         the model's tensor arguments are moved there
         (:class:`~pyro_diffusion.likelihood.ModelLikelihood`).

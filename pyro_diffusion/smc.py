@@ -363,7 +363,7 @@ class DiffusionSMC:
                 f"{history[worst]:.1f}, at step {worst}): the draws and the log-evidence rest "
                 "on a few particles. Use more particles or steps, or check that the prior can "
                 "explain the data (a prior far from the data, or very precise observations, "
-                "makes the twist a poor proposal)", stacklevel=2)
+                "makes the twist a poor proposal)", stacklevel=3)
 
     def _check_run(self):
         if self._filter is None:

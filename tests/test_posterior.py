@@ -724,3 +724,17 @@ def test_deterministic_samplers_warn_with_a_learned_denoiser(sampler, eta):
             return
     with pytest.warns(UserWarning, match="use sampler='ancestral' with a learned prior"):
         run(learned)
+
+
+@pytest.mark.parametrize("num_samples,batch_size,chains", [
+    (40, 10, 4), (40, 40, 4), (30, 30, 3), (30, 20, 3), (14, 14, 2), (7, 7, 1), (12, 5, 3)])
+def test_draws_are_grouped_into_chains(num_samples, batch_size, chains):
+    # Several equal batches are the chains; otherwise the independent draws are split into
+    # up to 4 equal blocks of at least 4 draws, so that ArviZ's R-hat is defined.
+    prior, _ = _gp_prior(3, num_steps=4)
+    post = DiffusionPosterior(linear_gaussian, num_samples=num_samples, batch_size=batch_size,
+                              seed=0, progress=False).run(
+        prior, torch.eye(3, dtype=F64), torch.zeros(3, dtype=F64), 1.0)
+    grouped = post.get_samples(group_by_chain=True)["f"]
+    assert grouped.shape == (chains, num_samples // chains, 3)
+    torch.testing.assert_close(grouped.reshape(-1, 3), post.get_samples()["f"])
