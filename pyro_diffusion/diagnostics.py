@@ -411,6 +411,14 @@ def _collect(posteriors, var_names, reference):
                           label)
         draws[label] = {name: np.asarray(_to_numpy(v), dtype=np.float64)
                         for name, v in samples.items()}
+        for name, value in draws[label].items():
+            if value.shape[0] * value.shape[1] == 0:
+                raise ValueError(f"posteriors[{label!r}][{name!r}] holds no draws "
+                                 f"(shape {value.shape})")
+            if not np.isfinite(value).all():
+                bad = int((~np.isfinite(value)).sum())
+                raise ValueError(f"posteriors[{label!r}][{name!r}] holds {bad} NaN or infinite "
+                                 f"values of {value.size}")
         wall[label] = _wall_time(posteriors[label])
     for name in names:
         ref_shape = draws[reference][name].shape[2:]

@@ -83,6 +83,8 @@ class GaussianDenoiser(nn.Module):
         if cov.shape != (d, d):
             raise ValueError(f"cov must have shape ({d}, {d}) for a mean of {d} entries, "
                              f"got {tuple(cov.shape)}")
+        if not torch.isfinite(mean).all():
+            raise ValueError("mean has NaN or infinite entries")
         evals, evecs = _eigh(cov, "cov")
         self.event_shape = event_shape
         self.register_buffer("mean", mean.reshape(-1))
@@ -192,6 +194,8 @@ class GaussianMixtureDenoiser(nn.Module):
                              f"{tuple(weights.shape)} and {tuple(means.shape)}")
         if (weights < 0).any() or not torch.isfinite(weights).all() or weights.sum() <= 0:
             raise ValueError("weights must be finite, non-negative and not all zero")
+        if not torch.isfinite(means).all():
+            raise ValueError("means have NaN or infinite entries")
         K = weights.shape[0]
         event_shape = _as_event_shape(event_shape or means.shape[1:], means[0].numel())
         d = means[0].numel()

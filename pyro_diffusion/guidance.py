@@ -166,6 +166,8 @@ class DPS(Guidance):
 
     def __init__(self, zeta=1.0):
         self.zeta = None if zeta is None else float(zeta)
+        if self.zeta is not None and not (math.isfinite(self.zeta) and self.zeta > 0):
+            raise ValueError(f"zeta must be positive and finite (or None), got {zeta!r}")
 
     def evaluate(self, lik, prior, x, sigma, value=False):
         with torch.enable_grad():
@@ -413,6 +415,11 @@ class EvidenceTrick(Guidance):
         self.variance = variance
         self.num_probes = int(num_probes)
         self.exact_max_dim = int(exact_max_dim)
+        if self.num_probes != num_probes or self.num_probes < 1:
+            raise ValueError(f"num_probes must be a positive integer, got {num_probes!r}")
+        if self.exact_max_dim != exact_max_dim or self.exact_max_dim < 0:
+            raise ValueError(f"exact_max_dim must be a non-negative integer, got "
+                             f"{exact_max_dim!r}")
 
     @staticmethod
     def _natural(site, base):

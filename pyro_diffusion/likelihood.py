@@ -245,6 +245,13 @@ class ModelLikelihood:
         diffusion, latent, observed, deterministic = [], [], [], []
         max_dim = 0
         for name, site in trace.nodes.items():
+            if site["type"] == "sample" and site_is_subsample(site):
+                size = getattr(site["fn"], "size", None)
+                if size is not None and site["value"].numel() < size:
+                    raise ValueError(
+                        f"plate {name!r} subsamples {site['value'].numel()} of {size}: each "
+                        "trace of the model would see other observations; the samplers need "
+                        "them all (drop subsample_size)")
             if site["type"] != "sample" or site_is_subsample(site):
                 continue
             max_dim = max(max_dim, self.plate_depth(site))

@@ -236,6 +236,8 @@ class DiffusionPrior(TorchDistribution):
     def sample(self, sample_shape=()):
         """Draw ``sample_shape + batch_shape + event_shape`` samples by the reverse process."""
         shape = torch.Size(sample_shape) + self.batch_shape
+        if any(n < 0 for n in shape):
+            raise ValueError(f"sample_shape must not be negative, got {tuple(sample_shape)}")
         total = shape.numel()
         sigmas = self.sigmas
         chunks = []

@@ -330,6 +330,12 @@ def test_compare_posteriors_errors(nuts, posterior):
         compare_posteriors({"nuts": ref, "method": [1, 2]}, "a")
     with pytest.raises(ValueError, match="hdi_prob"):
         compare_posteriors({"nuts": ref}, "a", hdi_prob=90)
+    broken = np.array(method["a"], dtype=float)
+    broken[0, 3] = np.nan
+    with pytest.raises(ValueError, match=r"\['method'\]\['a'\] holds 1 NaN or infinite"):
+        compare_posteriors({"nuts": ref, "method": {"a": broken}}, "a")
+    with pytest.raises(ValueError, match=r"\['method'\]\['a'\] holds no draws"):
+        compare_posteriors({"nuts": ref, "method": {"a": np.zeros((1, 0))}}, "a")
 
 
 def test_ess_uses_explicit_sample_axes_on_arviz_1(monkeypatch):

@@ -129,6 +129,9 @@ def test_event_shapes_are_kept():
     lambda: GaussianMixtureDenoiser(torch.tensor([1.0, -1.0]), torch.zeros(2, 2), torch.ones(2)),
     lambda: GaussianMixtureDenoiser(torch.ones(2), torch.zeros(3, 2), torch.ones(2)),
     lambda: GaussianMixtureDenoiser(torch.ones(2), torch.zeros(2, 2), torch.ones(2, 5)),
+    lambda: GaussianDenoiser(torch.tensor([0.0, float("nan")]), torch.eye(2)),
+    lambda: GaussianMixtureDenoiser(torch.ones(2), torch.full((2, 2), float("inf")),
+                                    torch.ones(2)),
 ])
 def test_bad_parameters_are_rejected(make):
     with pytest.raises(ValueError):

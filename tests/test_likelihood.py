@@ -151,6 +151,12 @@ def _list_observation(prior):
     pyro.sample("y", dist.Normal(f[..., 0], 1.0), obs=[0.5])
 
 
+def _subsampled(prior):
+    f = pyro.sample("f", prior)
+    with pyro.plate("areas", D, subsample_size=2) as idx:
+        pyro.sample("y", dist.Normal(f[..., idx], 1.0), obs=torch.zeros(2))
+
+
 def _in_plate(prior):
     with pyro.plate("rep", 2):
         f = pyro.sample("f", prior)
@@ -178,6 +184,7 @@ def _counts(kind, y, n=None):
     (_extra_latent, "'noise_scale' are not DiffusionPrior sites.*train the diffusion prior"),
     (_obs_mask, "'y_unobserved' come from pyro.sample\\(..., obs_mask=...\\).*poutine.mask"),
     (_in_plate, "inside plate 'rep'"),
+    (_subsampled, "plate 'areas' subsamples 2 of 4.*drop subsample_size"),
     (_indexed_without_ellipsis,
      "fails with a batch of 2 fields \\(IndexError.*f\\[\\.\\.\\., idx\\]"),
     (_expanded, "'f' has shape \\(3, 4\\), not the prior's event shape \\(4,\\)"),

@@ -186,6 +186,14 @@ def test_to_inference_data_and_errors():
             prior, torch.ones(5, dtype=F64), y)
     with pytest.raises(ValueError, match="sampler"):
         DiffusionPosterior(poisson_model, sampler="euler")
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="zeta must be positive"):
+            DPS(zeta=bad)
+    for bad in (0, -2, 1.5):
+        with pytest.raises(ValueError, match="num_probes must be a positive integer"):
+            EvidenceTrick(num_probes=bad)
+    with pytest.raises(ValueError, match="exact_max_dim"):
+        EvidenceTrick(exact_max_dim=-1)
     for steps in (0, -3, 2.7, "8"):
         with pytest.raises((ValueError, TypeError), match="num_steps must be None or an integer"):
             DiffusionPosterior(poisson_model, num_steps=steps)

@@ -240,6 +240,14 @@ def test_bad_arguments_are_reported():
         prior.denoise(torch.zeros(4, 3), 1.0)
     with pytest.raises(ValueError, match="does not broadcast"):
         prior.denoise(torch.zeros(4, 2), torch.ones(3))
+    with pytest.raises(ValueError, match=r"sample_shape must not be negative, got \(-1,\)"):
+        prior.sample((-1,))
+    with pytest.raises(ValueError, match="rho must be positive"):
+        DiffusionPrior(den, (2,), rho=0.0)
+    with pytest.raises(ValueError, match="event_shape \\(3,\\) does not match"):
+        DiffusionPrior(den, (3,))
+    with pytest.raises(ValueError, match="sigma_max=1e\\+20.*range"):
+        DiffusionPrior(den, (2,), sigma_max=1e20)
 
 
 def test_replace_changes_sampling_settings_only():
