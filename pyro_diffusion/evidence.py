@@ -74,8 +74,11 @@ nodes: ``6e-5`` and ``0.02``; 100 nodes: ``2e-7`` and ``2e-3``).
 
 All functions broadcast their arguments, return elementwise log evidences (no summing) and
 are differentiable with respect to the mean :math:`m` by autograd, and with respect to
-:math:`v` as well (zero below the ``1e-30`` floor). They work in the promoted floating dtype
-of their arguments; in float32 the absolute rounding error is a few units of
+:math:`v` as well: to about 1 % from :math:`v = 10^{-6}` up in float32 (from
+:math:`10^{-12}` in float64), zero below the ``1e-30`` floor with growing rounding error
+just above it, and zero above the moment-matched Poisson evidence's ceiling (see
+:func:`poisson_log_evidence`); the samplers hold :math:`v` fixed. They work in the promoted
+floating dtype of their arguments; in float32 the absolute rounding error is a few units of
 ``eps * lgamma(n + 1)`` (about ``1e-2`` for counts near ``1e4``).
 
 References:
