@@ -111,6 +111,7 @@ def _flat_sites(lik, trace, n, kinds, read, weight_power=None):
         value = read(site, base).expand(site["fn"].shape())
         weight = site_weight(site) if weight_power is not None else None
         if weight is not None:
+            weight = weight.to(value.dtype)
             value = value * (weight if weight_power == 1 else weight.pow(weight_power))
         parts.append(lik.per_particle(value, site, n, len(site["fn"].event_shape)))
     return torch.cat(parts, dim=-1)
@@ -397,10 +398,11 @@ class EvidenceTrick(Guidance):
     :param int num_probes: random probes for the ``"tweedie"`` variance of large latents.
     :param int exact_max_dim: largest latent size for which the variance is computed exactly.
 
-    Each observation's log-evidence is multiplied by its weight
-    (:func:`~pyro_diffusion.likelihood.site_weight`): masked observations (``poutine.mask`` or
-    a ``.mask(...)`` wrapper) are left out, and a ``poutine.scale`` counts an observation that
-    many times.
+    Masked observations (``poutine.mask`` or a ``.mask(...)`` wrapper) are left out. A weight
+    :math:`w` from ``poutine.scale`` (:func:`~pyro_diffusion.likelihood.site_weight`) counts a
+    count observation's evidence :math:`w` times; a Gaussian observation's likelihood is raised
+    to the power :math:`w` before its evidence is taken (its noise variance divided by
+    :math:`w`), as :class:`MMPS` does.
 
     The evidence is taken per observation, so several observations of the same natural
     parameter (Bernoulli outcomes of one village) are treated as independent given the noisy
@@ -492,16 +494,32 @@ class EvidenceTrick(Guidance):
             elif kind == "Bernoulli":
                 out.append(bernoulli_log_evidence(y, mu, v, validate=False))
             elif kind == "Normal":
+                # The evidence of the likelihood tempered by w (noise variance s^2 / w), as
+                # MMPS takes it: N(sqrt(w) y; sqrt(w) mu, s^2 + w v) + (1 - w)/2 log(2 pi s^2).
                 scale2 = lik.per_particle(base.scale.expand(shape), site, n, ev).detach() ** 2
-                tot = scale2 + v
-                out.append(-0.5 * ((y - mu) ** 2 / tot + (2.0 * math.pi * tot).log()))
-            else:  # MultivariateNormal outside plates: N(y; mu, Sigma_y + diag(v))
-                cov = base.covariance_matrix.detach() + torch.diag_embed(v)
-                out.append(torch.distributions.MultivariateNormal(mu, cov).log_prob(y)[:, None])
-            if weight is not None:  # masked observations drop out, scaled ones are tempered
-                weight = weight.expand(shape)
-                if kind == "MultivariateNormal":  # one weight per vector observation
-                    weight, ev = weight[..., 0], 0
+                w = 1.0 if weight is None else lik.per_particle(
+                    weight.expand(shape).to(y.dtype), site, n, ev)
+                tot = scale2 + w * v
+                log_ev = -0.5 * (w * (y - mu) ** 2 / tot + (2.0 * math.pi * tot).log())
+                if weight is not None:
+                    log_ev = log_ev + 0.5 * (1.0 - w) * (2.0 * math.pi * scale2).log()
+                out.append(log_ev)
+                continue
+            else:  # MultivariateNormal outside plates: N(y; mu, Sigma_y + diag(v)), tempered
+                sigma_y = base.covariance_matrix.detach()
+                w = 1.0 if weight is None else lik.per_particle(
+                    weight.expand(shape)[..., 0].to(y.dtype), site, n, ev - 1)
+                root = w ** 0.5 if weight is not None else 1.0
+                cov = sigma_y + torch.diag_embed(w * v)
+                log_ev = torch.distributions.MultivariateNormal(root * mu, cov).log_prob(
+                    root * y)[:, None]
+                if weight is not None:
+                    log_ev = log_ev + 0.5 * (1.0 - w) * torch.linalg.slogdet(
+                        2.0 * math.pi * sigma_y)[1].reshape(-1, 1)
+                out.append(log_ev)
+                continue
+            if weight is not None:  # counts: each observation's evidence taken w times
+                weight = weight.expand(shape).to(out[-1].dtype)
                 out[-1] = out[-1] * lik.per_particle(weight, site, n, ev)
         return torch.cat(out, dim=-1)
 
@@ -543,5 +561,5 @@ def resolve_guidance(guidance, lik):
                   "DPS is used, whose posteriors tend to be too narrow; DiffusionLangevin "
                   "(the exact likelihood) or DiffusionSMC (reweighted to it) are the "
                   "alternatives to check it against. Pass guidance='dps' to silence this",
-                  stacklevel=3)
+                  stacklevel=4)
     return DPS()

@@ -13,11 +13,12 @@ The model must broadcast over one leading batch dimension of the latent value: i
 """
 
 import copy
+import math
 import re
 
 import pyro
 import torch
-from pyro.distributions.torch_distribution import MaskedDistribution
+from pyro.distributions.torch_distribution import ExpandedDistribution, MaskedDistribution
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
@@ -27,13 +28,16 @@ from .prior import DiffusionPrior
 __all__ = ["ModelLikelihood", "site_weight", "tensor_devices", "to_device"]
 
 
+#: Wrappers that keep the family of the distribution inside (a TransformedDistribution such
+#: as LogNormal does not: its base_dist is another family).
+_WRAPPERS = (torch.distributions.Independent, MaskedDistribution, ExpandedDistribution)
+
+
 def _unwrap(fn):
     """The distribution under Independent / Masked / Expanded wrappers."""
-    while True:
-        inner = getattr(fn, "base_dist", None)
-        if inner is None:
-            return fn
-        fn = inner
+    while isinstance(fn, _WRAPPERS):
+        fn = fn.base_dist
+    return fn
 
 
 def _mask_factor(mask, shape, event_dims, like):
@@ -59,8 +63,11 @@ def site_weight(site):
     """
     fn = site["fn"]
     shape = fn.shape()
-    like = torch.zeros((), dtype=torch.get_default_dtype())
     value = site.get("value")
+    # On the observations' device; their dtype if floating (integer counts: the default
+    # floating dtype, which callers cast to that of what they weight).
+    like = torch.zeros((), dtype=torch.get_default_dtype(),
+                       device=value.device if isinstance(value, torch.Tensor) else None)
     if isinstance(value, torch.Tensor) and value.is_floating_point():
         like = value
     factors = [_mask_factor(site.get("mask"), shape, len(fn.event_shape), like)]
@@ -68,10 +75,10 @@ def site_weight(site):
     if isinstance(scale, torch.Tensor) or scale != 1.0:
         scale = torch.as_tensor(scale, dtype=like.dtype, device=like.device)
         factors.append(scale.reshape(scale.shape + (1,) * len(fn.event_shape)))
-    while fn is not None:  # .mask(...) wrappers, at any depth under Independent / Expanded
+    while isinstance(fn, _WRAPPERS):  # .mask(...) at any depth under Independent / Expanded
         if isinstance(fn, MaskedDistribution):
             factors.append(_mask_factor(fn._mask, shape, len(fn.event_shape), like))
-        fn = getattr(fn, "base_dist", None)
+        fn = fn.base_dist
     factors = [f for f in factors if f is not None]
     if not factors:
         return None
@@ -309,18 +316,28 @@ class ModelLikelihood:
         if num_particles is None:
             self._check_broadcasting(trace)
 
-    def _check_broadcasting(self, trace, n=2):
-        """Trace the model with a batch of ``n`` fields: each observed site must gain that
-        leading dim (or not depend on the field), as the samplers' batches need."""
-        x = torch.zeros((n,) + tuple(self.event_shape), dtype=self.prior.dtype,
-                        device=self.prior.device)
+    def _check_broadcasting(self, trace, n=3):
+        """Trace the model with a batch of ``n`` distinct fields: each observed site must gain
+        that leading dim (or not depend on the field), and each field's log-likelihood must be
+        what the model gives it alone, as the samplers' batches need."""
+        d = math.prod(self.event_shape)
+        dtype, device = self.prior.dtype, self.prior.device
+        mean = torch.as_tensor(getattr(self.prior.denoiser, "data_mean", 0.0), dtype=dtype,
+                               device=device).reshape(-1)
+        scale = float(getattr(self.prior.denoiser, "data_std", 1.0))
+        # Distinct, positive offsets of a tenth of the data's scale (keep rates positive).
+        pattern = torch.linspace(0.5, 1.5, d, dtype=dtype, device=device)
+        steps = torch.arange(1, n + 1, dtype=dtype, device=device)[:, None]
+        x = (mean + 0.1 * scale * steps * pattern).reshape((n,) + tuple(self.event_shape))
         hint = (f"the samplers give the DiffusionPrior site {self.site!r} a batch of fields, "
                 f"shape (batch, *event_shape); the model must broadcast over that leading dim: "
                 "index the field as f[..., idx] (not f[idx]) and reduce over its last dims "
                 "(f.sum(-1), not f.sum())")
         try:
-            with torch.no_grad():
+            with torch.no_grad(), pyro.validation_enabled(False):
                 batched = self.trace(x)
+                joint = self.log_likelihood(x)
+                alone = torch.cat([self.log_likelihood(x[i:i + 1]) for i in range(n)])
         except Exception as e:
             first = (str(e).splitlines() or [""])[0]
             raise ValueError(f"the model fails with a batch of {n} fields "
@@ -331,6 +348,11 @@ class ModelLikelihood:
             if shape not in (single, (n,) + single):
                 raise ValueError(f"observed site {name!r} has shape {shape} for a batch of {n} "
                                  f"fields and {single} for one; {hint}")
+        if joint.shape != alone.shape or not torch.allclose(
+                joint, alone, rtol=1e-4, atol=1e-4, equal_nan=True):
+            raise ValueError(f"the log-likelihood of a batch of {n} fields, {joint.tolist()}, "
+                             f"is not that of each field alone, {alone.tolist()}: the fields "
+                             f"mix; {hint}")
 
     @property
     def event_shape(self):

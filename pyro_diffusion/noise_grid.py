@@ -13,7 +13,11 @@ def check_num_steps(num_steps, minimum=1):
     """``num_steps`` as an int, or ``None`` (the prior's); a clear error for anything else."""
     if num_steps is None:
         return None
-    if isinstance(num_steps, bool) or int(num_steps) != num_steps or num_steps < minimum:
+    try:
+        ok = not isinstance(num_steps, bool) and int(num_steps) == num_steps >= minimum
+    except (TypeError, ValueError, OverflowError):  # "8", inf, nan
+        ok = False
+    if not ok:
         raise ValueError(f"num_steps must be None or an integer >= {minimum}, got {num_steps!r}")
     return int(num_steps)
 

@@ -113,7 +113,7 @@ class DiffusionPrior(TorchDistribution):
         self.training_history = None
         super().__init__(torch.Size(batch_shape), event_shape, validate_args=validate_args)
         dtype = self.dtype
-        if dtype.is_floating_point and self.sigma_max ** 2 * 16 > torch.finfo(dtype).max:
+        if dtype.is_floating_point and self.sigma_max > math.sqrt(torch.finfo(dtype).max / 16):
             raise ValueError(f"sigma_max={self.sigma_max:.3g}: its square leaves {dtype}'s "
                              "range and sampling would give NaN; rescale the data (or pass "
                              "a smaller sigma_max)")

@@ -297,8 +297,8 @@ class DiffusionSMC:
     After :meth:`run`: :attr:`log_evidence` (estimate of :math:`\log p(y)`, unbiased on the
     exponential scale), :attr:`ess_history` (ESS after each step's reweighting, before any
     resampling), :attr:`resampled` (whether each step resampled), :attr:`wall_time`. A run
-    whose ESS falls below 2 or 0.5 % of the particles (the larger) at some step warns: its
-    draws and evidence then rest on a few particles.
+    whose ESS falls below 2 or 0.5 % of the particles (the larger, at most half of them) at
+    some step warns: its draws and evidence then rest on a few particles.
     """
 
     def __init__(self, model, guidance="auto", num_particles=1000, num_steps=None,
@@ -353,7 +353,7 @@ class DiffusionSMC:
     def _warn_if_degenerate(self):
         """Warn when the weights collapsed onto a handful of particles at some step."""
         history = self.ess_history
-        floor = max(2.0, 0.005 * self.num_particles)
+        floor = min(max(2.0, 0.005 * self.num_particles), 0.5 * self.num_particles)
         low = [i for i, ess in enumerate(history) if ess < floor]
         if low:
             worst = min(range(len(history)), key=history.__getitem__)

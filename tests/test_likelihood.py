@@ -141,6 +141,16 @@ def _indexed_without_ellipsis(prior):
                 obs=torch.zeros(D))
 
 
+def _summed_over_the_batch(prior):
+    f = pyro.sample("f", prior)
+    pyro.sample("y", dist.Poisson(f.exp().sum()), obs=torch.tensor(3.0))
+
+
+def _first_row(prior):
+    f = pyro.sample("f", prior)
+    pyro.sample("y", dist.Normal(f[0], 1.0), obs=torch.tensor(0.5))
+
+
 def _expanded(prior):
     f = pyro.sample("f", prior.expand([3]).to_event(1))
     pyro.sample("y", dist.Normal(f, 1.0).to_event(2), obs=torch.zeros(3, D))
@@ -186,7 +196,9 @@ def _counts(kind, y, n=None):
     (_in_plate, "inside plate 'rep'"),
     (_subsampled, "plate 'areas' subsamples 2 of 4.*drop subsample_size"),
     (_indexed_without_ellipsis,
-     "fails with a batch of 2 fields \\(IndexError.*f\\[\\.\\.\\., idx\\]"),
+     "fails with a batch of 3 fields \\(IndexError.*f\\[\\.\\.\\., idx\\]"),
+    (_summed_over_the_batch, "batch of 3 fields.*is not that of each field alone.*f.sum"),
+    (_first_row, "'y' has shape \\(4,\\) for a batch of 3 fields and \\(\\) for one"),
     (_expanded, "'f' has shape \\(3, 4\\), not the prior's event shape \\(4,\\)"),
     (_list_observation, "'y' holds a list; pass a tensor"),
     (_counts("poisson", torch.tensor([1.0, -2.0])),

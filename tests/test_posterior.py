@@ -1,5 +1,6 @@
 """Guided posterior sampling against closed forms and long importance-sampling references."""
 
+import math
 import warnings
 
 import pyro
@@ -627,9 +628,10 @@ def test_masked_observations_guide_as_if_they_were_absent(kind, guidance, mask_h
 
 
 def test_a_scale_tempers_each_observation():
-    # poutine.scale(w) on Gaussian data is the likelihood of noise sd / sqrt(w): MMPS and the
-    # evidence trick must guide exactly as with that noise; for counts the evidence trick takes
-    # each observation's evidence w times, as if it were observed w times.
+    # poutine.scale(w) on Gaussian data is the likelihood of noise sd / sqrt(w) (up to a
+    # constant): MMPS and the evidence trick must guide exactly as with that noise, and their
+    # twist values differ from it by that constant; for counts the evidence trick takes each
+    # observation's evidence w times, as if it were observed w times.
     d, w = 6, 2.0
     prior, _ = _gp_prior(d, num_steps=16)
     y = torch.tensor([0.4, -0.2, 1.1], dtype=F64)
@@ -660,17 +662,21 @@ def test_a_scale_tempers_each_observation():
     gen = torch.Generator().manual_seed(4)
     x = torch.randn(4, d, generator=gen, dtype=F64)
     sigma = torch.tensor([0.05, 0.5, 2.0, 20.0], dtype=F64)
-    for guidance, (a, b, data) in [(MMPS(solver="direct"), (scaled, sharper, y)),
-                                   (MMPS(iterations=3, solver="cg"), (scaled, sharper, y)),
-                                   (EvidenceTrick(), (scaled_counts, twice, counts))]:
-        value = guidance.solver == "direct" if isinstance(guidance, MMPS) else True
+    # w log N(y; a, s^2) = log N(y; a, s^2 / w) + (1 - w)/2 log(2 pi s^2) - log(w) / 2 each.
+    offset = 3 * (0.5 * (1 - w) * math.log(2 * math.pi * 0.3 ** 2) - 0.5 * math.log(w))
+    for guidance, (a, b, data), shift in [
+            (MMPS(solver="direct"), (scaled, sharper, y), offset),
+            (MMPS(iterations=3, solver="cg"), (scaled, sharper, y), None),
+            (EvidenceTrick(), (scaled, sharper, y), offset),
+            (EvidenceTrick(), (scaled_counts, twice, counts), 0.0)]:
+        value = shift is not None
         _, grad, log_p = guidance.evaluate(ModelLikelihood(a, (prior, data)), prior, x, sigma,
                                            value=value)
         _, grad_ref, log_p_ref = guidance.evaluate(ModelLikelihood(b, (prior, data)), prior, x,
                                                    sigma, value=value)
         torch.testing.assert_close(grad, grad_ref)
-        if isinstance(guidance, EvidenceTrick):
-            torch.testing.assert_close(log_p, log_p_ref)
+        if value:
+            torch.testing.assert_close(log_p, log_p_ref + shift)
 
 
 def test_masked_poisson_posterior_matches_the_model_without_the_masked_areas():
@@ -695,8 +701,18 @@ def test_auto_guidance_warns_when_it_falls_back_to_dps():
         pyro.sample("y", dist.StudentT(3.0, f, 0.5).to_event(1), obs=y)
 
     y = torch.tensor([0.1, -0.4, 0.3, 2.0], dtype=F64)
-    with pytest.warns(UserWarning, match="no moment-matched guidance for StudentT.*DPS"):
+    with pytest.warns(UserWarning, match="no moment-matched guidance for StudentT.*DPS") as rec:
         post = DiffusionPosterior(robust, num_samples=8, seed=0, progress=False).run(prior, y)
+    assert isinstance(post.guidance_used, DPS)
+    assert rec[0].filename == __file__  # points at the caller
+
+    def lognormal(prior, y):  # a LogNormal is not a Normal (its base distribution is)
+        f = pyro.sample("f", prior)
+        pyro.sample("y", dist.LogNormal(f, 0.5).to_event(1), obs=y)
+
+    with pytest.warns(UserWarning, match="no moment-matched guidance for LogNormal"):
+        post = DiffusionPosterior(lognormal, num_samples=8, seed=0, progress=False).run(
+            prior, y.exp())
     assert isinstance(post.guidance_used, DPS)
     with warnings.catch_warnings():
         warnings.simplefilter("error")

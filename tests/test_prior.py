@@ -248,6 +248,9 @@ def test_bad_arguments_are_reported():
         DiffusionPrior(den, (3,))
     with pytest.raises(ValueError, match="sigma_max=1e\\+20.*range"):
         DiffusionPrior(den, (2,), sigma_max=1e20)
+    den64 = GaussianDenoiser(torch.zeros(2, dtype=torch.float64), torch.eye(2))
+    with pytest.raises(ValueError, match="sigma_max=1e\\+160.*float64's range"):
+        DiffusionPrior(den64, (2,), sigma_max=1e160)
 
 
 def test_replace_changes_sampling_settings_only():

@@ -339,3 +339,7 @@ def test_a_collapsed_run_warns_and_a_healthy_one_does_not():
                            seed=0, progress=False).run(prior, torch.tensor([6.0, -6.0],
                                                                            dtype=F64))
     assert min(smc.ess_history) < 2.0
+    with warnings.catch_warnings():  # two particles cannot keep an ESS above 2
+        warnings.simplefilter("error")
+        DiffusionSMC(linear_model(A, 1.0), num_particles=2, seed=0, progress=False).run(
+            prior, y)
