@@ -29,6 +29,7 @@ import zlib
 import torch
 from tqdm.auto import tqdm
 
+from ._checks import check_positive_int
 from ._version import __version__
 from .exact import GaussianDenoiser
 from .guidance import (
@@ -45,7 +46,7 @@ from .preconditioning import EDMDenoiser, use_gaussian_skip
 from .prior import DiffusionPrior
 from .seeding import forked, manual_seed
 from .serialization import module_from_dict, module_to_dict
-from .training import check_positive_int, train_denoiser
+from .training import train_denoiser
 
 __all__ = ["fit_prior"]
 

@@ -8,18 +8,17 @@ import math
 
 import torch
 
+from ._checks import check_positive_int
 
-def check_num_steps(num_steps, minimum=1):
+
+def check_num_steps(num_steps):
     """``num_steps`` as an int, or ``None`` (the prior's); a clear error for anything else."""
     if num_steps is None:
         return None
     try:
-        ok = not isinstance(num_steps, bool) and int(num_steps) == num_steps >= minimum
-    except (TypeError, ValueError, OverflowError):  # "8", inf, nan
-        ok = False
-    if not ok:
-        raise ValueError(f"num_steps must be None or an integer >= {minimum}, got {num_steps!r}")
-    return int(num_steps)
+        return check_positive_int(num_steps, "num_steps")
+    except ValueError:
+        raise ValueError(f"num_steps must be None or an integer >= 1, got {num_steps!r}") from None
 
 
 def noise_grid(num_steps, sigma_min, sigma_max, rho=7.0, *, dtype=None, device=None):

@@ -19,12 +19,13 @@ References:
 
 import copy
 import math
-import numbers
 import time
 import warnings
 
 import torch
 from tqdm.auto import tqdm
+
+from ._checks import check_positive_int
 
 #: The fewest training samples :func:`check_samples` accepts.
 MIN_SAMPLES = 8
@@ -94,14 +95,6 @@ class _EMA:
                              [p.detach() for p in module.parameters()], 1.0 - decay)
         for ema_b, b in zip(self.module.buffers(), module.buffers(), strict=True):
             ema_b.copy_(b)
-
-
-def check_positive_int(value, name):
-    """``value`` as an int if it is a positive integer; a ``ValueError`` naming it otherwise."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        if not (isinstance(value, float) and value.is_integer() and value >= 1):
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
 
 
 def train_denoiser(denoiser, samples, *, steps=2000, batch_size=256, lr=2e-3, weight_decay=0.0,
