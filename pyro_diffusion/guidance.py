@@ -338,9 +338,9 @@ def _tempering_constant(lik, trace, n):
     \log(2 \pi s^2)` (with :math:`\log\det(2 \pi \Sigma)` for a vector observation), so a
     masked observation (:math:`w = 0`) adds nothing, as if it were absent."""
     total = None
-    for site in _sites(lik, trace, GAUSSIAN):
+    for site in _sites(lik, trace, None):  # the Gaussian ones among all observed sites
         weight = site_weight(site)
-        if weight is None:
+        if weight is None or type(_unwrap(site["fn"])).__name__ not in GAUSSIAN:
             continue
         base, shape = _unwrap(site["fn"]), site["fn"].shape()
         ev = len(site["fn"].event_shape)
@@ -471,7 +471,9 @@ class EvidenceTrick(Guidance):
             log_ev = self._log_evidence(lik, trace, n, eta.value, var)
             grad_eta = _vjp(log_ev.sum(), eta.value, None)
             grad = _vjp(x0, x, eta.vjp(grad_eta))
-        return x0.detach(), grad, (log_ev.detach().sum(-1) if value else None)
+        if not value:
+            return x0.detach(), grad, None
+        return x0.detach(), grad, log_ev.detach().sum(-1) + _tempering_constant(lik, trace, n)
 
     def _log_evidence(self, lik, trace, n, mean, var):
         out, start = [], 0
@@ -495,28 +497,21 @@ class EvidenceTrick(Guidance):
                 out.append(bernoulli_log_evidence(y, mu, v, validate=False))
             elif kind == "Normal":
                 # The evidence of the likelihood tempered by w (noise variance s^2 / w), as
-                # MMPS takes it: N(sqrt(w) y; sqrt(w) mu, s^2 + w v) + (1 - w)/2 log(2 pi s^2).
+                # MMPS takes it: N(sqrt(w) y; sqrt(w) mu, s^2 + w v), up to the constant of
+                # _tempering_constant, which evaluate adds to the twist value.
                 scale2 = lik.per_particle(base.scale.expand(shape), site, n, ev).detach() ** 2
                 w = 1.0 if weight is None else lik.per_particle(
                     weight.expand(shape).to(y.dtype), site, n, ev)
                 tot = scale2 + w * v
-                log_ev = -0.5 * (w * (y - mu) ** 2 / tot + (2.0 * math.pi * tot).log())
-                if weight is not None:
-                    log_ev = log_ev + 0.5 * (1.0 - w) * (2.0 * math.pi * scale2).log()
-                out.append(log_ev)
+                out.append(-0.5 * (w * (y - mu) ** 2 / tot + (2.0 * math.pi * tot).log()))
                 continue
             else:  # MultivariateNormal outside plates: N(y; mu, Sigma_y + diag(v)), tempered
-                sigma_y = base.covariance_matrix.detach()
                 w = 1.0 if weight is None else lik.per_particle(
                     weight.expand(shape)[..., 0].to(y.dtype), site, n, ev - 1)
                 root = w ** 0.5 if weight is not None else 1.0
-                cov = sigma_y + torch.diag_embed(w * v)
-                log_ev = torch.distributions.MultivariateNormal(root * mu, cov).log_prob(
-                    root * y)[:, None]
-                if weight is not None:
-                    log_ev = log_ev + 0.5 * (1.0 - w) * torch.linalg.slogdet(
-                        2.0 * math.pi * sigma_y)[1].reshape(-1, 1)
-                out.append(log_ev)
+                cov = base.covariance_matrix.detach() + torch.diag_embed(w * v)
+                out.append(torch.distributions.MultivariateNormal(root * mu, cov).log_prob(
+                    root * y)[:, None])
                 continue
             if weight is not None:  # counts: each observation's evidence taken w times
                 weight = weight.expand(shape).to(out[-1].dtype)
