@@ -252,14 +252,15 @@ class ModelLikelihood:
         diffusion, latent, observed, deterministic = [], [], [], []
         max_dim = 0
         for name, site in trace.nodes.items():
-            if site["type"] == "sample" and site_is_subsample(site):
+            if site["type"] != "sample":
+                continue
+            if site_is_subsample(site):
                 size = getattr(site["fn"], "size", None)
                 if size is not None and site["value"].numel() < size:
                     raise ValueError(
                         f"plate {name!r} subsamples {site['value'].numel()} of {size}: each "
                         "trace of the model would see other observations; the samplers need "
                         "them all (drop subsample_size)")
-            if site["type"] != "sample" or site_is_subsample(site):
                 continue
             max_dim = max(max_dim, self.plate_depth(site))
             if site["infer"].get("_diffusion_site"):
@@ -336,7 +337,7 @@ class ModelLikelihood:
         try:
             with torch.no_grad(), pyro.validation_enabled(False):
                 batched = self.trace(x)
-                joint = self.log_likelihood(x)
+                joint = self._trace_log_likelihood(batched, x)
                 alone = torch.cat([self.log_likelihood(x[i:i + 1]) for i in range(n)])
         except Exception as e:
             first = (str(e).splitlines() or [""])[0]
@@ -399,7 +400,10 @@ class ModelLikelihood:
 
     def log_likelihood(self, x):
         """Per-particle :math:`\\log p(y \\mid x)` summed over observed sites, shape ``(n,)``."""
-        trace = self.trace(x)
+        return self._trace_log_likelihood(self.trace(x), x)
+
+    def _trace_log_likelihood(self, trace, x):
+        """:meth:`log_likelihood` of ``x`` from its :meth:`trace`."""
         n = x.shape[0]
         total = x.new_zeros(n)
         for name in self.observed_sites:
