@@ -59,7 +59,9 @@ def site_weight(site):
     a subsampling plate's scale) and the masks of ``.mask(...)`` wrappers in its distribution;
     :meth:`ModelLikelihood.site_log_prob` is the weighted sum of the observations' log-densities.
 
-    :param dict site: an observed site of a trace.
+    :param dict site: an observed site of a trace (:meth:`ModelLikelihood.trace`).
+    :returns: a floating tensor on the observations' device (in their dtype, or the default
+        floating dtype for integer counts), or ``None``.
     """
     fn = site["fn"]
     shape = fn.shape()
