@@ -51,13 +51,11 @@ def problem(seed=0):
     truth = sample_gp(1, x, lengthscale=LENGTHSCALE, seed=seed + 5)[0].double()
     y = truth[OBS] + NOISE * torch.randn(len(OBS), generator=gen, dtype=torch.float64)
     A = torch.eye(D, dtype=torch.float64)[OBS]
-    S = A @ cov @ A.T + NOISE ** 2 * torch.eye(len(OBS), dtype=torch.float64)
-    gain = cov @ A.T @ torch.linalg.inv(S)
-    post_cov = cov - gain @ A @ cov
-    post = torch.distributions.MultivariateNormal(
-        gain @ y, 0.5 * (post_cov + post_cov.T) + 1e-9 * torch.eye(D, dtype=torch.float64))
+    post, _ = GaussianDenoiser(torch.zeros(D, dtype=torch.float64), cov).condition(
+        A, y, NOISE ** 2)
+    post_cov = 0.5 * (post.cov + post.cov.T) + 1e-9 * torch.eye(D, dtype=torch.float64)
     torch.manual_seed(seed)
-    return x, cov, y, post.sample((4000,))
+    return x, cov, y, torch.distributions.MultivariateNormal(post.mean, post_cov).sample((4000,))
 
 
 def main(argv=None):
